@@ -1,0 +1,21 @@
+"""One place that registers every recipe component with verl's registries.
+
+Imported through the `verl.plugins` entry point (verl_patches.verl_plugin) in every process that
+imports verl. Registration is idempotent: the module can also be imported directly, and verl's
+registries reject a second registration of a name.
+"""
+
+_REGISTERED = False
+
+
+def register_all() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    # Each import below registers its components as a side effect of defining them.
+    _REGISTERED = True
+
+
+def is_registered() -> bool:
+    """True once register_all() ran in this process (verl swallows plugin import errors)."""
+    return _REGISTERED
