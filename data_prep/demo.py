@@ -1,0 +1,146 @@
+"""Offline demo problems: short multi-step arithmetic word problems with exact integer answers.
+
+Used by the CPU demo (a tiny model trained on them) and by tests that must not download
+anything. Every problem also carries its structure: a start value and the list of operations
+applied to it in order, so a checker can recompute the answer without reading the text.
+
+    make_demo_problems(3, seed=0)[0] ->
+    {"id": "demo-0-0", "question": "...", "answer": "17", "answer_value": 17,
+     "start": 5, "ops": [["add", 4], ["mul", 2], ["sub", 1]], "template": "..."}
+"""
+
+from __future__ import annotations
+
+import random
+
+NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia"]
+ITEMS = ["apples", "pencils", "marbles", "stickers", "cards", "shells", "coins", "books"]
+
+# Operations the structured `ops` field may contain, as the word a checker must implement.
+OPERATIONS = ("add", "sub", "mul", "div")
+
+
+def _gain_loss(rng: random.Random) -> tuple[str, int, list]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(3, 20), rng.randint(2, 15)
+    c = rng.randint(1, a + b)
+    text = f"{name} has {a} {item}. {name} buys {b} more and then gives away {c}. How many {item} does {name} have now?"
+    return text, a, [["add", b], ["sub", c]]
+
+
+def _boxes(rng: random.Random) -> tuple[str, int, list]:
+    item = rng.choice(ITEMS)
+    a, b = rng.randint(2, 12), rng.randint(2, 9)
+    c = rng.randint(1, a * b)
+    text = f"There are {b} boxes with {a} {item} in each box. Then {c} {item} are lost. How many {item} are left?"
+    return text, a, [["mul", b], ["sub", c]]
+
+
+def _reading(rng: random.Random) -> tuple[str, int, list]:
+    name = rng.choice(NAMES)
+    a, b, c = rng.randint(2, 15), rng.randint(2, 7), rng.randint(1, 20)
+    text = (
+        f"{name} reads {a} pages every day for {b} days and then reads {c} more pages. "
+        f"How many pages does {name} read in total?"
+    )
+    return text, a, [["mul", b], ["add", c]]
+
+
+def _sharing(rng: random.Random) -> tuple[str, int, list]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    b, per_friend, c = rng.randint(2, 6), rng.randint(1, 8), rng.randint(1, 5)
+    a = b * per_friend  # a multiple of b, so the division is exact
+    text = (
+        f"{name} has {a} {item} and shares them equally among {b} friends. "
+        f"Each friend then finds {c} more. How many {item} does each friend have?"
+    )
+    return text, a, [["div", b], ["add", c]]
+
+
+def _savings(rng: random.Random) -> tuple[str, int, list]:
+    name = rng.choice(NAMES)
+    a, b, d = rng.randint(2, 10), rng.randint(2, 6), rng.randint(2, 4)
+    # spend c >= 1 so that the rest, d * per_jar, splits evenly into d jars (a * b >= 4 >= d)
+    max_per_jar = (a * b - 1) // d
+    per_jar = rng.randint(1, max_per_jar) if max_per_jar >= 1 else a * b // d
+    c = a * b - d * per_jar
+    text = (
+        f"{name} saves {a} dollars each week for {b} weeks, spends {c} dollars on a gift, "
+        f"and splits the rest equally into {d} jars. How many dollars go into each jar?"
+    )
+    return text, a, [["mul", b], ["sub", c], ["div", d]]
+
+
+def _garden(rng: random.Random) -> tuple[str, int, list]:
+    name = rng.choice(NAMES)
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 6)
+    text = (
+        f"A garden has {a} rows with {b} flowers in each row. {name} plants {c} more rows "
+        f"with {b} flowers each. How many flowers are in the garden now?"
+    )
+    return text, a, [["add", c], ["mul", b]]
+
+
+def _bus(rng: random.Random) -> tuple[str, int, list]:
+    a = rng.randint(5, 25)
+    b = rng.randint(1, a)
+    c = rng.randint(1, 10)
+    text = (
+        f"A bus starts with {a} passengers. At the first stop {b} people get off and {c} get on. "
+        f"At the second stop the number of passengers doubles. How many passengers are on the bus now?"
+    )
+    return text, a, [["sub", b], ["add", c], ["mul", 2]]
+
+
+TEMPLATES = {
+    "gain_loss": _gain_loss,
+    "boxes": _boxes,
+    "reading": _reading,
+    "sharing": _sharing,
+    "savings": _savings,
+    "garden": _garden,
+    "bus": _bus,
+}
+
+
+def _apply(value: int, op: str, operand: int) -> int:
+    if op == "add":
+        return value + operand
+    if op == "sub":
+        return value - operand
+    if op == "mul":
+        return value * operand
+    if op == "div":
+        if value % operand:
+            raise AssertionError(f"demo generator produced an inexact division {value}/{operand}")
+        return value // operand
+    raise AssertionError(f"unknown demo operation {op!r}")
+
+
+def make_demo_problems(n: int, seed: int = 0) -> list[dict]:
+    """``n`` problems, identical for the same ``(n, seed)``; the first k of n equal those of k."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed)
+    names = sorted(TEMPLATES)
+    problems = []
+    for i in range(n):
+        template = rng.choice(names)
+        text, start, ops = TEMPLATES[template](rng)
+        value = start
+        for op, operand in ops:
+            value = _apply(value, op, operand)
+        if value < 0:
+            raise AssertionError(f"demo template {template} produced a negative answer {value}")
+        problems.append(
+            {
+                "id": f"demo-{seed}-{i}",
+                "question": text,
+                "answer": str(value),
+                "answer_value": value,
+                "start": start,
+                "ops": ops,
+                "template": template,
+            }
+        )
+    return problems

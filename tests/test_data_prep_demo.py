@@ -1,0 +1,117 @@
+"""The offline demo generator and the prompt template."""
+
+import re
+from collections import Counter
+
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep.demo import make_demo_problems
+from data_prep.prepare import main
+from data_prep.prompt_template import DEFAULT_PROMPT_TEMPLATE, build_chat_prompt, format_prompt, validate_template
+
+# the checker's own arithmetic, independent of the generator's code path
+CHECK_OPS = {
+    "add": lambda x, y: x + y,
+    "sub": lambda x, y: x - y,
+    "mul": lambda x, y: x * y,
+    "div": lambda x, y: x / y,  # true division: an inexact step would show as a non-integer
+}
+
+
+def test_demo_is_deterministic_under_seed():
+    assert make_demo_problems(50, seed=3) == make_demo_problems(50, seed=3)
+    assert make_demo_problems(50, seed=3) != make_demo_problems(50, seed=4)
+    assert make_demo_problems(10, seed=3) == make_demo_problems(50, seed=3)[:10]
+    assert make_demo_problems(0, seed=1) == []
+    with pytest.raises(ValueError):
+        make_demo_problems(-1)
+
+
+def test_demo_answers_are_correct_integers():
+    problems = make_demo_problems(400, seed=7)
+    for p in problems:
+        value = p["start"]
+        for op, operand in p["ops"]:
+            value = CHECK_OPS[op](value, operand)
+        assert float(value).is_integer() and value >= 0, p
+        assert p["answer"] == str(int(value)) and p["answer_value"] == int(value)
+        # every operand (and the start) is stated in the text, and the problem is multi-step
+        numbers = [int(n) for n in re.findall(r"\d+", p["question"])]
+        stated = [p["start"]] + [x for op, x in p["ops"] if not (op == "mul" and x == 2 and "doubles" in p["question"])]
+        assert all(x in numbers for x in stated), p
+        assert len(p["ops"]) >= 2
+        assert len(p["question"].split()) < 45  # short: the CPU demo trains a tiny model on them
+    templates = Counter(p["template"] for p in problems)
+    assert len(templates) >= 6 and min(templates.values()) > 20  # varied
+    assert len({p["question"] for p in problems}) > 390  # few accidental duplicates
+
+
+def test_demo_dataset_cli(tmp_path):
+    assert (
+        main(["--dataset", "demo", "--num-problems", "40", "--seed", "5", "--val-size", "8", "--out", str(tmp_path)])
+        == 0
+    )
+    train = pq.read_table(tmp_path / "demo_train.parquet").to_pylist()
+    val = pq.read_table(tmp_path / "demo_val.parquet").to_pylist()
+    expected = {p["question"]: p["answer"] for p in make_demo_problems(40, seed=5)}
+    assert len(val) == 8 and len(train) + len(val) == len(expected)
+    for row in train + val:
+        assert row["data_source"] == "demo_arith"
+        assert expected[row["extra_info"]["question"]] == row["reward_model"]["ground_truth"]
+
+
+def test_template_validation_and_formatting():
+    assert (
+        format_prompt("What is 1+1?")
+        == "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
+    assert build_chat_prompt("Q?", "Problem: {question} Answer in \\boxed{}.") == [
+        {"role": "user", "content": "Problem: Q? Answer in \\boxed{}."}
+    ]
+    # braces elsewhere in the template are literal (no str.format)
+    assert format_prompt("x", "{question} {x} {}") == "x {x} {}"
+    assert validate_template(DEFAULT_PROMPT_TEMPLATE) == DEFAULT_PROMPT_TEMPLATE
+    for bad in ("no field here", "{problem}\nSolve.", "{ question }", ""):
+        with pytest.raises(ValueError, match=r"must contain the field '\{question\}'"):
+            validate_template(bad)
+    with pytest.raises(ValueError, match="non-empty"):
+        format_prompt("   ")
+
+
+def test_cli_rejects_template_without_field(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "--dataset",
+                "demo",
+                "--num-problems",
+                "4",
+                "--out",
+                str(tmp_path),
+                "--prompt-template",
+                "Solve: {problem}",
+            ]
+        )
+        == 2
+    )
+    assert "must contain the field '{question}'" in capsys.readouterr().err
+    template_file = tmp_path / "t.txt"
+    template_file.write_text("Q: {question}\nA:\n")
+    assert (
+        main(
+            [
+                "--dataset",
+                "demo",
+                "--num-problems",
+                "4",
+                "--out",
+                str(tmp_path),
+                "--prompt-template-file",
+                str(template_file),
+            ]
+        )
+        == 0
+    )
+    row = pq.read_table(tmp_path / "demo_train.parquet").to_pylist()[0]
+    assert row["prompt"][0]["content"] == f"Q: {row['extra_info']['question']}\nA:"
