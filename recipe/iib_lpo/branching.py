@@ -1,0 +1,226 @@
+"""Bifurcation point selection (METHOD.md step 2).
+
+For one response r with per-token entropies H[0..T-1], the candidate window is
+positions t_min <= t < T - t_margin; Omega is the ceil(rho * |window|) positions of the window
+with the highest entropy (at least 1; ties broken towards the earlier position); t* is drawn
+uniformly from Omega (``strategy="uniform"``, the paper) or is Omega's highest-entropy position
+(``strategy="argmax"``, what the authors' code did).
+
+Convention for t*: it is the index (into the response tokens) of the first token that is
+RE-generated. A branch keeps r[:t*] as its prefix and samples a new continuation from
+position t* on, steered by the latent; the high-entropy token r[t*] itself is therefore
+resampled, which is the point: H[t*] is the entropy of the distribution the token at t* was
+drawn from, so that is where the policy hesitated and where a different choice is cheapest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "BranchingConfig",
+    "ForkDecision",
+    "NO_FORK_TOO_SHORT",
+    "FORK_OK",
+    "candidate_positions",
+    "choose_fork_position",
+    "choose_fork_positions",
+]
+
+FORK_OK = "ok"
+NO_FORK_TOO_SHORT = "too_short"
+_STRATEGIES = ("uniform", "argmax")
+
+
+@dataclass(frozen=True)
+class BranchingConfig:
+    """Knobs of the bifurcation-point rule (METHOD.md step 2; the recipe YAML mirrors them).
+
+    Attributes:
+        rho: fraction of the candidate window kept as high-entropy set Omega. Default 0.05:
+            the paper's "top 5% entropy tokens" (the 80/20 high-entropy-minority finding).
+            ``ceil(rho * window)`` positions, never fewer than 1.
+        t_min: number of leading response tokens that are never fork points. Default 1, so
+            t* >= 1 and every branch shares at least one generated token with its parent
+            (t* = 0 would be a fresh sample of the whole response: no shared prefix to reuse
+            from the prefix cache and a latent conditioned on the question only).
+        t_margin: number of trailing response tokens that are never fork points. Default 8:
+            forking inside the last few tokens can only re-render the final answer line
+            ("\\boxed{...}" plus EOS is ~5-8 tokens), i.e. a near-duplicate trajectory that
+            explores no reasoning; small enough not to matter for math responses of hundreds
+            of tokens. Decision (the paper does not say); set 0 to allow every position.
+        strategy: "uniform" (paper: t* ~ Uniform(Omega)) or "argmax" (authors' code:
+            highest-entropy position; ties -> earliest).
+    """
+
+    rho: float = 0.05
+    t_min: int = 1
+    t_margin: int = 8
+    strategy: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rho, (int, float)) and 0.0 < self.rho <= 1.0):
+            raise ValueError(f"BranchingConfig.rho must be in (0, 1], got {self.rho!r}")
+        for name in ("t_min", "t_margin"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"BranchingConfig.{name} must be a non-negative int, got {value!r}")
+        if self.strategy not in _STRATEGIES:
+            raise ValueError(f"BranchingConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}")
+
+
+@dataclass(frozen=True)
+class ForkDecision:
+    """Where (and whether) to fork one response.
+
+    Attributes:
+        position: t*, index of the first re-generated response token, or None for no fork.
+        entropy: H[t*] (nats) or None.
+        reason: ``FORK_OK`` or ``NO_FORK_TOO_SHORT`` (the window t_min <= t < T - t_margin is
+            empty); callers log/count non-"ok" decisions.
+        num_tokens: T, the response length that was considered.
+        candidates: Omega, sorted by descending entropy (ties: earlier first); empty on no fork.
+    """
+
+    position: int | None
+    entropy: float | None
+    reason: str
+    num_tokens: int
+    candidates: tuple[int, ...] = ()
+
+    @property
+    def should_fork(self) -> bool:
+        return self.position is not None
+
+
+def _as_entropy_vector(entropies: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    vec = entropies if isinstance(entropies, torch.Tensor) else torch.as_tensor(list(entropies), dtype=torch.float64)
+    if vec.ndim != 1:
+        raise ValueError(f"entropies of one response must be 1-D [T], got shape {tuple(vec.shape)}")
+    vec = vec.detach().to("cpu", torch.float64)
+    nan = torch.isnan(vec)
+    if bool(nan.any()):
+        raise ValueError(f"entropy is NaN at response position(s) {torch.nonzero(nan).flatten().tolist()[:10]}")
+    inf = torch.isinf(vec)
+    if bool(inf.any()):
+        raise ValueError(f"entropy is infinite at response position(s) {torch.nonzero(inf).flatten().tolist()[:10]}")
+    # Entropies are >= 0; allow tiny negative rounding noise from upstream fp arithmetic.
+    neg = vec < -1e-4
+    if bool(neg.any()):
+        raise ValueError(f"entropy is negative at response position(s) {torch.nonzero(neg).flatten().tolist()[:10]}")
+    return vec
+
+
+def candidate_positions(entropies: torch.Tensor | Sequence[float], config: BranchingConfig) -> tuple[int, ...]:
+    """Omega for one response: the top ceil(rho * |window|) window positions by entropy.
+
+    Sorted by descending entropy, ties broken towards the earlier position (deterministic).
+    Empty when the window t_min <= t < T - t_margin is empty.
+    """
+    vec = _as_entropy_vector(entropies)
+    start, stop = config.t_min, vec.shape[0] - config.t_margin
+    if stop <= start:
+        return ()
+    window = vec[start:stop]
+    # ceil with a small guard so float noise (0.07 * 100 = 7.000000000000001) does not add one.
+    count = max(1, math.ceil(config.rho * window.shape[0] - 1e-9))
+    # stable sort on -H keeps the earlier position first among equal entropies
+    order = torch.sort(-window, stable=True).indices[:count]
+    return tuple(int(i) + start for i in order.tolist())
+
+
+def choose_fork_position(
+    entropies: torch.Tensor | Sequence[float],
+    config: BranchingConfig = BranchingConfig(),
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> ForkDecision:
+    """Pick the bifurcation point t* of one response (see module docstring for the convention).
+
+    Args:
+        entropies: ``[T]`` per-token entropies of the response (T = its real length, no padding).
+        config: the rule's knobs.
+        generator / seed: randomness for ``strategy="uniform"``; exactly one must be given for
+            that strategy (reproducibility is required, there is no hidden global RNG use).
+            ``argmax`` needs neither. A CPU ``torch.Generator`` is advanced by one draw.
+
+    Returns:
+        ``ForkDecision``; a response whose window is empty gets position None and reason
+        ``NO_FORK_TOO_SHORT`` (never an exception, never a silent t* = 0).
+
+    Raises:
+        ValueError: NaN / inf / negative entropies (naming the positions), non-1-D input, or
+            missing/duplicated randomness for the uniform strategy.
+    """
+    vec = _as_entropy_vector(entropies)
+    if config.strategy == "uniform" and (generator is None) == (seed is None):
+        raise ValueError("strategy='uniform' needs exactly one of generator= or seed= (reproducible draws)")
+    omega = candidate_positions(vec, config)
+    if not omega:
+        return ForkDecision(position=None, entropy=None, reason=NO_FORK_TOO_SHORT, num_tokens=int(vec.shape[0]))
+    if config.strategy == "argmax":
+        position = omega[0]
+    else:
+        gen = generator
+        if gen is None:
+            gen = torch.Generator().manual_seed(int(seed))
+        position = omega[int(torch.randint(len(omega), (1,), generator=gen).item())]
+    return ForkDecision(
+        position=position,
+        entropy=float(vec[position]),
+        reason=FORK_OK,
+        num_tokens=int(vec.shape[0]),
+        candidates=omega,
+    )
+
+
+def choose_fork_positions(
+    entropies: Sequence[torch.Tensor | Sequence[float]] | torch.Tensor,
+    config: BranchingConfig = BranchingConfig(),
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    lengths: Sequence[int] | torch.Tensor | None = None,
+) -> list[ForkDecision]:
+    """Batched ``choose_fork_position``.
+
+    Args:
+        entropies: a list of ``[T_i]`` vectors, or a right-padded ``[B, T]`` tensor together
+            with ``lengths`` (the real length of each row; required for a 2-D tensor so that
+            padding is never mistaken for low-entropy tokens).
+        seed / generator: one shared generator (created from ``seed``) is advanced row by
+            row, so the result depends only on the seed and the inputs, not on batching.
+    """
+    if config.strategy == "uniform" and (generator is None) == (seed is None):
+        raise ValueError("strategy='uniform' needs exactly one of generator= or seed= (reproducible draws)")
+    if isinstance(entropies, torch.Tensor):
+        if entropies.ndim != 2:
+            raise ValueError(f"a tensor of entropies must be [B, T], got shape {tuple(entropies.shape)}")
+        if lengths is None:
+            raise ValueError("lengths is required with a padded [B, T] entropy tensor")
+        lengths_list = [int(x) for x in (lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths)]
+        if len(lengths_list) != entropies.shape[0]:
+            raise ValueError(f"{len(lengths_list)} lengths for {entropies.shape[0]} rows")
+        for i, n in enumerate(lengths_list):
+            if not 0 <= n <= entropies.shape[1]:
+                raise ValueError(f"lengths[{i}]={n} outside [0, {entropies.shape[1]}]")
+        rows = [entropies[i, :n] for i, n in enumerate(lengths_list)]
+    else:
+        if lengths is not None:
+            raise ValueError("lengths is only meaningful with a padded [B, T] tensor")
+        rows = list(entropies)
+    gen = generator
+    if gen is None and seed is not None:
+        gen = torch.Generator().manual_seed(int(seed))
+    decisions = []
+    for i, row in enumerate(rows):
+        try:
+            decisions.append(choose_fork_position(row, config, generator=gen if config.strategy == "uniform" else None))
+        except ValueError as err:
+            raise ValueError(f"response {i}: {err}") from err
+    return decisions

@@ -1,0 +1,462 @@
+"""Information-Bottleneck scores, Top-N branch filter and iterative rounds (METHOD.md step 6).
+
+S_IB(r) = beta * I_hat(r; a) - I_hat(q; r): a trajectory should be informative about the answer
+a (first term) while carrying little of the question/prompt "noise" (second term: repetition,
+echoing the question, length). The paper's estimator is not available, so the estimators are
+pluggable (``IBConfig.estimator``) and each returns a bounded float; the bounds are stated per
+estimator and checked in tests/test_core_ib.py.
+
+Registry: ``@register_ib_estimator("name")`` on a function ``fn(traj: IBInputs, config:
+IBConfig) -> float``; ``get_ib_estimator(name)``; ``score_trajectories(list, config)``.
+
+Tokenisation for the text statistics (decision): lower-cased words and single punctuation
+marks, ``re.findall(r"\\w+|[^\\w\\s]", text.lower())`` -- cheap, model-independent, and
+deterministic; "3.14" becomes ["3", ".", "14"], LaTeX "\\frac{1}{2}" becomes
+["\\\\", "frac", "{", "1", "}", "{", "2", "}"]. Lengths for the length term are policy tokens
+(``num_tokens``), not these words, so ``max_tokens`` is the rollout's response budget.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "IBConfig",
+    "IBInputs",
+    "register_ib_estimator",
+    "get_ib_estimator",
+    "list_ib_estimators",
+    "ib_score_bounds",
+    "score_trajectories",
+    "ngram_ib_score",
+    "word_tokens",
+    "repeated_ngram_fraction",
+    "echo_fraction",
+    "topn_keep_mask",
+    "resolve_top_n",
+    "best_branch_per_fork_source",
+]
+
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+NGRAM = 4  # METHOD.md: 4-gram repetition and echo
+
+
+@dataclass(frozen=True)
+class IBConfig:
+    """Knobs of the IB score and filter (METHOD.md step 6; the recipe YAML mirrors them).
+
+    Attributes:
+        estimator: registered estimator name; "ngram" (default, text statistics, no extra
+            model calls), "entropy", "ibro", "answer_likelihood".
+        beta: weight of I_hat(r; a). Default 1.0, chosen > w_rep + w_echo + w_len (= 0.9) so
+            that with I_hat(r; a) = r_v in {0, 1} every correct trajectory outranks every wrong
+            one: the IB terms only reorder trajectories with the same verifiable reward.
+        w_rep: weight of the 4-gram repetition rate (loops, METHOD.md case study). Default 0.5,
+            the largest penalty: a repetitive loop is the failure the paper's case study ranks
+            last.
+        w_echo: weight of the fraction of the response's 4-grams copied from the question.
+            Default 0.2: restating the problem carries no new information about a.
+        w_len: weight of min(1, num_tokens / max_tokens). Default 0.2: conciseness
+            (IB compression) breaks ties between otherwise equal correct answers.
+        w_ent: ("entropy" estimator) weight of min(1, mean token entropy / entropy_ref).
+            Default 0.2.
+        entropy_ref: ("entropy") mean entropy (nats) at which the information-rate term
+            saturates. Default 2.0 nats (a very uncertain policy; typical math rollouts
+            average well below 1).
+        ibro_scale: ("ibro") S = beta * tanh(mean_t(A_t * H_t) / ibro_scale). Default 1.0.
+        top_n: branches kept per fork source; None -> ceil(K / 2) of that source's K branches
+            (METHOD.md default), K or more keeps all (ablation "no filter"), 0 keeps only the
+            originals.
+        rounds: R, how many fork rounds per initial rollout ("Iterative", METHOD.md decision;
+            default 1 = the paper's parallel K forks, no re-forking).
+    """
+
+    estimator: str = "ngram"
+    beta: float = 1.0
+    w_rep: float = 0.5
+    w_echo: float = 0.2
+    w_len: float = 0.2
+    w_ent: float = 0.2
+    entropy_ref: float = 2.0
+    ibro_scale: float = 1.0
+    top_n: int | None = None
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "w_rep", "w_echo", "w_len", "w_ent"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"IBConfig.{name} must be a finite number >= 0, got {value!r}")
+        for name in ("entropy_ref", "ibro_scale"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"IBConfig.{name} must be a finite number > 0, got {value!r}")
+        if self.top_n is not None and (not isinstance(self.top_n, int) or self.top_n < 0):
+            raise ValueError(f"IBConfig.top_n must be None or an int >= 0, got {self.top_n!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"IBConfig.rounds must be an int >= 1, got {self.rounds!r}")
+
+
+@dataclass(frozen=True)
+class IBInputs:
+    """Everything an estimator may look at for one trajectory.
+
+    Attributes:
+        question: raw problem text (``extra_info.question``).
+        response: decoded response text (for a branch: parent prefix + continuation).
+        reward: verifiable reward r_v in [0, 1].
+        num_tokens: response length in policy tokens.
+        max_tokens: the rollout's response-length budget (> 0).
+        token_entropies: ``[T]`` per-token entropies ("entropy", "ibro").
+        token_advantages: ``[T]`` (or scalar broadcast) advantages ("ibro").
+        answer_logprob: sum of the policy's log-probs of the gold answer tokens after the
+            reasoning ("answer_likelihood"), with ``answer_num_tokens`` tokens.
+    """
+
+    question: str
+    response: str
+    reward: float
+    num_tokens: int
+    max_tokens: int
+    token_entropies: torch.Tensor | None = None
+    token_advantages: torch.Tensor | None = None
+    answer_logprob: float | None = None
+    answer_num_tokens: int | None = None
+
+
+IBEstimator = Callable[[IBInputs, IBConfig], float]
+_IB_ESTIMATORS: dict[str, IBEstimator] = {}
+
+
+def register_ib_estimator(name: str) -> Callable[[IBEstimator], IBEstimator]:
+    """Decorator registering ``fn(traj: IBInputs, config: IBConfig) -> float`` under ``name``.
+
+    Registering a different function under a taken name raises (silent replacement would change
+    what a config name means).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"IB estimator name must be a non-empty string, got {name!r}")
+
+    def decorator(fn: IBEstimator) -> IBEstimator:
+        if name in _IB_ESTIMATORS and _IB_ESTIMATORS[name] is not fn:
+            raise ValueError(f"IB estimator {name!r} is already registered to {_IB_ESTIMATORS[name]!r}")
+        _IB_ESTIMATORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_ib_estimator(name: str) -> IBEstimator:
+    if name not in _IB_ESTIMATORS:
+        raise ValueError(f"unknown IB estimator {name!r}; known estimators: {sorted(_IB_ESTIMATORS)}")
+    return _IB_ESTIMATORS[name]
+
+
+def list_ib_estimators() -> list[str]:
+    return sorted(_IB_ESTIMATORS)
+
+
+# ----------------------------------------------------------------------------- text statistics
+
+
+def word_tokens(text: str) -> list[str]:
+    """Lower-cased words and single punctuation marks (see module docstring)."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected str, got {type(text).__name__}")
+    return _TOKEN_RE.findall(text.lower())
+
+
+def _ngrams(tokens: Sequence[str], n: int = NGRAM) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repeated_ngram_fraction(tokens: Sequence[str], n: int = NGRAM) -> float:
+    """rep_n = 1 - (#distinct n-grams / #n-grams), in [0, 1); 0 when there are no n-grams.
+
+    "Fraction of repeated 4-grams": the share of n-gram occurrences that repeat an earlier one.
+    A loop of one sentence repeated c times gives about 1 - 1/c.
+    """
+    grams = _ngrams(tokens, n)
+    if not grams:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def echo_fraction(question_tokens: Sequence[str], response_tokens: Sequence[str], n: int = NGRAM) -> float:
+    """Fraction of the response's n-gram occurrences that also occur in the question, in [0, 1]."""
+    grams = _ngrams(response_tokens, n)
+    if not grams:
+        return 0.0
+    question_grams = set(_ngrams(question_tokens, n))
+    return sum(g in question_grams for g in grams) / len(grams)
+
+
+def _check_common(reward: float, num_tokens: int, max_tokens: int) -> None:
+    # numbers.Real / Integral also admit numpy scalars (rewards often arrive as np.float32)
+    if not (isinstance(reward, numbers.Real) and math.isfinite(reward) and 0.0 <= reward <= 1.0):
+        raise ValueError(f"verifiable reward must be a finite number in [0, 1], got {reward!r}")
+    if not isinstance(num_tokens, numbers.Integral) or isinstance(num_tokens, bool) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+    if not isinstance(max_tokens, numbers.Integral) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        raise ValueError(f"max_tokens must be an int > 0, got {max_tokens!r}")
+
+
+def _text_compression_term(question: str, response: str, num_tokens: int, max_tokens: int, cfg: IBConfig) -> float:
+    """w_rep * rep4(r) + w_echo * echo(q, r) + w_len * min(1, len / L_max), in [0, w_rep+w_echo+w_len]."""
+    r_tokens = word_tokens(response)
+    return (
+        cfg.w_rep * repeated_ngram_fraction(r_tokens)
+        + cfg.w_echo * echo_fraction(word_tokens(question), r_tokens)
+        + cfg.w_len * min(1.0, num_tokens / max_tokens)
+    )
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+@register_ib_estimator("ngram")
+def _ngram_estimator(traj: IBInputs, cfg: IBConfig) -> float:
+    """I_hat(r; a) = r_v; I_hat(q; r) = text compression term. Bounds [-(w_rep+w_echo+w_len), beta]."""
+    _check_common(traj.reward, traj.num_tokens, traj.max_tokens)
+    return cfg.beta * float(traj.reward) - _text_compression_term(
+        traj.question, traj.response, traj.num_tokens, traj.max_tokens, cfg
+    )
+
+
+def ngram_ib_score(
+    question: str, response: str, reward: float, num_tokens: int, max_tokens: int, **weights: float
+) -> float:
+    """Default IB score of one trajectory: beta * r_v - (w_rep*rep4 + w_echo*echo + w_len*min(1, n/L)).
+
+    ``weights`` may override ``beta``, ``w_rep``, ``w_echo``, ``w_len`` (IBConfig defaults
+    otherwise); any other keyword raises TypeError. Result in [-(w_rep+w_echo+w_len), beta].
+    """
+    allowed = {"beta", "w_rep", "w_echo", "w_len"}
+    unknown = set(weights) - allowed
+    if unknown:
+        raise TypeError(f"ngram_ib_score got unknown weight(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    cfg = IBConfig(estimator="ngram", **weights)
+    return _ngram_estimator(IBInputs(question, response, reward, num_tokens, max_tokens), cfg)
+
+
+def _token_vector(x: torch.Tensor | None, what: str, estimator: str) -> torch.Tensor:
+    if x is None:
+        raise ValueError(f"IB estimator {estimator!r} needs {what} (got None)")
+    vec = torch.as_tensor(x, dtype=torch.float64).detach().cpu().reshape(-1)
+    if not bool(torch.isfinite(vec).all()):
+        raise ValueError(f"{what} contains NaN/inf (IB estimator {estimator!r})")
+    return vec
+
+
+@register_ib_estimator("entropy")
+def _entropy_estimator(traj: IBInputs, cfg: IBConfig) -> float:
+    """I_hat(r; a) = r_v; I_hat(q; r) = w_ent * min(1, mean_t H_t / entropy_ref) + w_len * min(1, n/L).
+
+    The information a response carries is bounded by its total token entropy, which factors
+    into information rate (mean H) times length; each factor is saturated separately so the
+    term stays bounded. Bounds [-(w_ent + w_len), beta]. An empty response has rate 0.
+    """
+    _check_common(traj.reward, traj.num_tokens, traj.max_tokens)
+    ent = _token_vector(traj.token_entropies, "token_entropies", "entropy")
+    if bool((ent < -1e-4).any()):
+        raise ValueError("token_entropies contains negative values")
+    rate = float(ent.clamp(min=0).mean()) if ent.numel() else 0.0
+    compression = cfg.w_ent * min(1.0, rate / cfg.entropy_ref) + cfg.w_len * min(1.0, traj.num_tokens / traj.max_tokens)
+    return cfg.beta * float(traj.reward) - compression
+
+
+@register_ib_estimator("ibro")
+def _ibro_estimator(traj: IBInputs, cfg: IBConfig) -> float:
+    """beta * tanh(mean_t(A_t * H_t) / ibro_scale): the authors' regulariser as a score.
+
+    Bounds (-beta, beta). ``token_advantages`` may be a scalar (outcome advantage broadcast
+    to all tokens) or ``[T]`` like ``token_entropies``; an empty response scores 0.
+    """
+    ent = _token_vector(traj.token_entropies, "token_entropies", "ibro")
+    adv = _token_vector(traj.token_advantages, "token_advantages", "ibro")
+    if adv.numel() == 1 and ent.numel() != 1:
+        adv = adv.expand_as(ent)
+    if adv.shape != ent.shape:
+        raise ValueError(f"ibro: token_advantages {tuple(adv.shape)} and token_entropies {tuple(ent.shape)} differ")
+    if ent.numel() == 0:
+        return 0.0
+    return cfg.beta * math.tanh(float((adv * ent).mean()) / cfg.ibro_scale)
+
+
+@register_ib_estimator("answer_likelihood")
+def _answer_likelihood_estimator(traj: IBInputs, cfg: IBConfig) -> float:
+    """I_hat(r; a) = exp(answer_logprob / answer_num_tokens) (per-token geometric-mean
+    probability of the gold answer after the reasoning, in [0, 1]); I_hat(q; r) = the ngram
+    compression term. Bounds [-(w_rep+w_echo+w_len), beta]. r_v is not used (it is already in
+    the advantage); the log-prob comes from one extra policy forward pass done by the caller.
+    """
+    _check_common(traj.reward, traj.num_tokens, traj.max_tokens)
+    lp, n = traj.answer_logprob, traj.answer_num_tokens
+    if lp is None or n is None:
+        raise ValueError("IB estimator 'answer_likelihood' needs answer_logprob and answer_num_tokens")
+    if not (isinstance(lp, numbers.Real) and math.isfinite(lp) and lp <= 1e-6):
+        raise ValueError(f"answer_logprob must be a finite log-probability <= 0, got {lp!r}")
+    if not isinstance(n, numbers.Integral) or n <= 0:
+        raise ValueError(f"answer_num_tokens must be an int > 0, got {n!r}")
+    informativeness = math.exp(min(0.0, lp) / n)
+    return cfg.beta * informativeness - _text_compression_term(
+        traj.question, traj.response, traj.num_tokens, traj.max_tokens, cfg
+    )
+
+
+def ib_score_bounds(config: IBConfig) -> tuple[float, float]:
+    """Closed interval every score of ``config.estimator`` lies in (used by tests and asserts)."""
+    name = config.estimator
+    if name in ("ngram", "answer_likelihood"):
+        return -(config.w_rep + config.w_echo + config.w_len), config.beta
+    if name == "entropy":
+        return -(config.w_ent + config.w_len), config.beta
+    if name == "ibro":
+        return -config.beta, config.beta
+    raise ValueError(f"no documented bounds for IB estimator {name!r}")
+
+
+def score_trajectories(trajectories: Sequence[IBInputs], config: IBConfig) -> torch.Tensor:
+    """S_IB for each trajectory with ``config.estimator``, as a float32 ``[B]`` tensor.
+
+    Errors name the offending trajectory index. A non-finite score (an estimator bug) raises.
+    """
+    estimator = get_ib_estimator(config.estimator)
+    scores = []
+    for i, traj in enumerate(trajectories):
+        try:
+            value = float(estimator(traj, config))
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"trajectory {i}: {err}") from err
+        if not math.isfinite(value):
+            raise ValueError(f"trajectory {i}: IB estimator {config.estimator!r} returned {value}")
+        scores.append(value)
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- Top-N filter
+
+
+def _group_keys(ids: torch.Tensor | Sequence[Hashable], n: int, what: str) -> list[Hashable]:
+    if isinstance(ids, torch.Tensor):
+        if ids.ndim != 1:
+            raise ValueError(f"{what} must be 1-D, got shape {tuple(ids.shape)}")
+        keys = ids.tolist()
+    else:
+        keys = [k.item() if hasattr(k, "item") else k for k in ids]
+    if len(keys) != n:
+        raise ValueError(f"{what} has {len(keys)} entries for {n} trajectories")
+    return keys
+
+
+def _groups(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _check_scores(scores: torch.Tensor) -> torch.Tensor:
+    scores = torch.as_tensor(scores).detach().cpu().to(torch.float64)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be 1-D [B], got shape {tuple(scores.shape)}")
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        raise ValueError(f"IB score is NaN/inf at index {int(torch.nonzero(bad)[0])}")
+    return scores
+
+
+def resolve_top_n(top_n: int | None, num_branches: int) -> int:
+    """None -> ceil(K / 2) (METHOD.md default); otherwise top_n (>= 0), capped at K."""
+    if top_n is None:
+        return math.ceil(num_branches / 2)
+    if not isinstance(top_n, int) or top_n < 0:
+        raise ValueError(f"top_n must be None or an int >= 0, got {top_n!r}")
+    return min(top_n, num_branches)
+
+
+def topn_keep_mask(
+    scores: torch.Tensor,
+    parent_ids: torch.Tensor | Sequence[Hashable],
+    is_original: torch.Tensor | Sequence[bool],
+    top_n: int | None,
+) -> torch.Tensor:
+    """Which trajectories survive the IB filter (METHOD.md step 6).
+
+    Trajectories are grouped by ``parent_ids`` (the id of the trajectory a branch was forked
+    from; an original carries its own id, so it sits in the group of its own branches). In
+    each group the original (``is_original``, at most one per group) is always kept, and the
+    ``top_n`` branches with the highest score are kept (None -> ceil(K/2) of the group's K
+    branches). Ties are broken towards the lower batch index, so the mask is deterministic.
+    A group of round-2 branches (forked from a round-1 branch, which lives in its own parent's
+    group) has no original and keeps just its top_n branches.
+
+    Returns:
+        ``BoolTensor[B]``.
+    """
+    scores = _check_scores(scores)
+    n = scores.shape[0]
+    keys = _group_keys(parent_ids, n, "parent_ids")
+    originals = [bool(x) for x in (is_original.tolist() if isinstance(is_original, torch.Tensor) else is_original)]
+    if len(originals) != n:
+        raise ValueError(f"is_original has {len(originals)} entries for {n} trajectories")
+    keep = torch.zeros(n, dtype=torch.bool)
+    for key, members in _groups(keys).items():
+        parents = [i for i in members if originals[i]]
+        if len(parents) > 1:
+            raise ValueError(f"parent group {key!r} has {len(parents)} originals (indices {parents}); expected <= 1")
+        for i in parents:
+            keep[i] = True
+        branches = [i for i in members if not originals[i]]
+        n_keep = resolve_top_n(top_n, len(branches))
+        ranked = sorted(branches, key=lambda i: (-float(scores[i]), i))
+        for i in ranked[:n_keep]:
+            keep[i] = True
+    return keep
+
+
+def best_branch_per_fork_source(
+    scores: torch.Tensor,
+    parent_ids: torch.Tensor | Sequence[Hashable],
+    is_original: torch.Tensor | Sequence[bool],
+    keep_mask: torch.Tensor,
+    round_ids: torch.Tensor | Sequence[int],
+    round_index: int,
+) -> dict[Hashable, int]:
+    """Where round ``round_index + 1`` forks from (iterative IB, METHOD.md step 6 decision).
+
+    Round numbering: originals are round 0; branches forked from an original are round 1;
+    branches forked from the best surviving round-r branch are round r + 1 (``round_ids``).
+    For every fork source (``parent_ids`` key) whose round-``round_index`` branches include a
+    kept one, returns {fork source key: batch index of its best kept round-``round_index``
+    branch} (highest score, ties -> lower index). A source with no surviving branch gets no
+    entry: the caller stops iterating it (and logs it) rather than re-forking from a dropped
+    trajectory. ``round_index=0`` is not meaningful (originals are not branches) and raises.
+    """
+    if not isinstance(round_index, int) or round_index < 1:
+        raise ValueError(f"round_index must be an int >= 1 (branches of that round), got {round_index!r}")
+    scores = _check_scores(scores)
+    n = scores.shape[0]
+    keys = _group_keys(parent_ids, n, "parent_ids")
+    rounds = [int(r) for r in (round_ids.tolist() if isinstance(round_ids, torch.Tensor) else round_ids)]
+    originals = [bool(x) for x in (is_original.tolist() if isinstance(is_original, torch.Tensor) else is_original)]
+    keep = [bool(x) for x in torch.as_tensor(keep_mask).tolist()]
+    if not (len(rounds) == len(originals) == len(keep) == n):
+        raise ValueError("scores, parent_ids, is_original, keep_mask and round_ids must have the same length")
+    for i in range(n):
+        if originals[i] != (rounds[i] == 0):
+            raise ValueError(f"trajectory {i}: is_original={originals[i]} but round_ids={rounds[i]}")
+    best: dict[Hashable, int] = {}
+    for i in range(n):
+        if rounds[i] != round_index or not keep[i]:
+            continue
+        current = best.get(keys[i])
+        if current is None or float(scores[i]) > float(scores[current]):
+            best[keys[i]] = i
+    return best

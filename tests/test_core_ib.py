@@ -1,0 +1,213 @@
+"""IB scores, estimator registry, Top-N filter and iterative rounds (METHOD.md step 6)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from recipe.iib_lpo.ib import (
+    IBConfig,
+    IBInputs,
+    best_branch_per_fork_source,
+    echo_fraction,
+    get_ib_estimator,
+    ib_score_bounds,
+    list_ib_estimators,
+    ngram_ib_score,
+    register_ib_estimator,
+    repeated_ngram_fraction,
+    score_trajectories,
+    topn_keep_mask,
+    word_tokens,
+)
+
+QUESTION = "A baker makes 24 muffins and sells 3/4 of them. How many muffins are left?"
+MAX_TOKENS = 512
+
+# Four responses in the spirit of the paper's case study (written for this test).
+CONCISE = "He sells 3/4 * 24 = 18 muffins, so 24 - 18 = 6 are left. The answer is \\boxed{6}."
+PADDED = (
+    "Okay, let me restate the problem first. A baker makes 24 muffins and sells 3/4 of them. "
+    "How many muffins are left? Hmm, well, so basically we need to think about this carefully, "
+    "you know, step by step, and be really sure about every single detail before answering. "
+    "So, basically, first we look at the fraction, and then, well, we look at the total. "
+    "Alright, so 3/4 of 24 is 18, because 24 divided by 4 is 6 and 6 times 3 is 18. "
+    "Then, well, 24 - 18 = 6. Hmm, let me double check that once more, just to be safe: "
+    "yes, 18 plus 6 is 24, so that seems right, I am quite confident now. The answer is \\boxed{6}."
+)
+WRONG = "He sells 24 / 3 = 8 muffins, so 24 - 8 = 16 are left. The answer is \\boxed{16}."
+LOOP = "He sells 3/4 of them. " + "Let me compute 3/4 of 24 again. " * 40
+
+
+def test_tokenizer_and_statistics_closed_form():
+    assert word_tokens("3.14 is Pi!") == ["3", ".", "14", "is", "pi", "!"]
+    assert word_tokens("\\frac{1}{2}") == ["\\", "frac", "{", "1", "}", "{", "2", "}"]
+    # "a b c d a b c d": 4-grams abcd, bcda, cdab, dabc, abcd -> 5 grams, 4 distinct -> 1 - 4/5
+    toks = "a b c d a b c d".split()
+    assert repeated_ngram_fraction(toks) == pytest.approx(0.2)
+    assert repeated_ngram_fraction("a b c".split()) == 0.0
+    # response 4-grams: (x y z w), (y z w v) -> only the first occurs in the question -> 1/2
+    assert echo_fraction("x y z w".split(), "x y z w v".split()) == pytest.approx(0.5)
+    assert echo_fraction("x y".split(), "a b c".split()) == 0.0
+
+
+def test_ngram_score_closed_form():
+    # response "a b c d a b c d" -> rep4 = 0.2, echo vs question "a b c d" = 2/5 (abcd twice)
+    score = ngram_ib_score("a b c d", "a b c d a b c d", 1.0, 100, 400, beta=1.0, w_rep=0.5, w_echo=0.2, w_len=0.2)
+    # 1.0 - (0.5*0.2 + 0.2*0.4 + 0.2*0.25) = 1.0 - (0.1 + 0.08 + 0.05) = 0.77
+    assert score == pytest.approx(0.77)
+    # length term saturates at 1: 0 - 0.2 * 1
+    assert ngram_ib_score("q", "short", 0.0, 999, 10) == pytest.approx(-0.2)
+    # numpy scalars (how rewards and lengths often arrive) are accepted
+    assert ngram_ib_score("q", "short", np.float32(0.0), np.int64(999), 10) == pytest.approx(-0.2)
+    with pytest.raises(TypeError, match="unknown weight"):
+        ngram_ib_score("q", "r", 1.0, 1, 10, gamma=1.0)
+    with pytest.raises(ValueError, match=r"reward must be .* in \[0, 1\]"):
+        ngram_ib_score("q", "r", -1.0, 1, 10)
+    with pytest.raises(ValueError, match="max_tokens"):
+        ngram_ib_score("q", "r", 1.0, 1, 0)
+
+
+def test_case_study_ordering():
+    """concise correct > padded correct > wrong derivation > repetitive loop.
+
+    The paper's case study printed reward 0 for its padded response; here the padded response
+    reaches the right final answer, so with I_hat(r; a) = r_v it is correct (r_v = 1). It still
+    ranks below the concise one (echoed question, repeated filler, 4x the length) and above
+    the wrong derivation because beta (1.0) exceeds the largest possible penalty (0.9).
+    """
+
+    def n_tok(text):  # ~policy tokens; any monotone proxy works for the ordering
+        return len(word_tokens(text))
+
+    scores = {
+        name: ngram_ib_score(QUESTION, text, reward, n_tok(text), MAX_TOKENS)
+        for name, text, reward in [
+            ("concise", CONCISE, 1.0),
+            ("padded", PADDED, 1.0),
+            ("wrong", WRONG, 0.0),
+            ("loop", LOOP, 0.0),
+        ]
+    }
+    assert scores["concise"] > scores["padded"] > scores["wrong"] > scores["loop"], scores
+    assert repeated_ngram_fraction(word_tokens(LOOP)) > 0.8
+    assert echo_fraction(word_tokens(QUESTION), word_tokens(PADDED)) > 0.05
+
+
+def _random_inputs(rng: random.Random, n: int) -> list[IBInputs]:
+    words = ["the", "sum", "is", "x", "=", "3", "+", "4", "so", "we", "get", "\\boxed{7}", "."]
+    out = []
+    for _ in range(n):
+        length = rng.randint(0, 60)
+        text = " ".join(rng.choice(words) for _ in range(length))
+        if rng.random() < 0.3:
+            text = text + " loop again and again" * rng.randint(1, 30)
+        question = " ".join(rng.choice(words) for _ in range(rng.randint(0, 20)))
+        t = rng.randint(0, 40)
+        out.append(
+            IBInputs(
+                question=question if rng.random() < 0.5 else text[:50],
+                response=text,
+                reward=float(rng.random() < 0.5),
+                num_tokens=rng.randint(0, 1000),
+                max_tokens=rng.randint(1, 600),
+                token_entropies=torch.rand(t) * rng.choice([0.1, 1.0, 8.0]),
+                token_advantages=torch.randn(t) * rng.choice([0.5, 3.0, 30.0]),
+                answer_logprob=-rng.random() * rng.choice([0.1, 5.0, 200.0]),
+                answer_num_tokens=rng.randint(1, 8),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("estimator", ["ngram", "entropy", "ibro", "answer_likelihood"])
+def test_every_estimator_is_bounded(estimator):
+    cfg = IBConfig(estimator=estimator)
+    low, high = ib_score_bounds(cfg)
+    scores = score_trajectories(_random_inputs(random.Random(estimator), 300), cfg)
+    assert scores.shape == (300,) and scores.dtype == torch.float32
+    assert bool(torch.isfinite(scores).all())
+    assert float(scores.min()) >= low - 1e-6 and float(scores.max()) <= high + 1e-6
+    assert float(scores.max() - scores.min()) > 0.1  # not a constant
+
+
+def test_other_estimators_closed_form():
+    ent = torch.tensor([0.5, 1.5, 1.0])  # mean 1.0
+    traj = IBInputs("q", "r", 1.0, 128, 512, token_entropies=ent, token_advantages=torch.tensor(2.0))
+    # entropy: 1 - (0.2 * min(1, 1.0 / 2.0) + 0.2 * 128/512) = 1 - (0.1 + 0.05) = 0.85
+    assert get_ib_estimator("entropy")(traj, IBConfig()) == pytest.approx(0.85)
+    # ibro: tanh(mean(2 * H)) = tanh(2.0)
+    assert get_ib_estimator("ibro")(traj, IBConfig()) == pytest.approx(math.tanh(2.0))
+    # answer_likelihood: exp(-2 / 4) - (0 + 0 + 0.2 * 128/512); "r" has no 4-grams
+    traj_al = IBInputs("q", "r", 0.0, 128, 512, answer_logprob=-2.0, answer_num_tokens=4)
+    assert get_ib_estimator("answer_likelihood")(traj_al, IBConfig()) == pytest.approx(math.exp(-0.5) - 0.05)
+    with pytest.raises(ValueError, match="needs token_entropies"):
+        get_ib_estimator("entropy")(IBInputs("q", "r", 1.0, 1, 2), IBConfig())
+    with pytest.raises(ValueError, match="needs answer_logprob"):
+        get_ib_estimator("answer_likelihood")(IBInputs("q", "r", 1.0, 1, 2), IBConfig())
+
+
+def test_registry():
+    assert {"ngram", "entropy", "ibro", "answer_likelihood"} <= set(list_ib_estimators())
+    with pytest.raises(ValueError, match=r"unknown IB estimator 'nope'; known estimators: \[.*'ngram'"):
+        get_ib_estimator("nope")
+
+    @register_ib_estimator("test_core_ib_constant")
+    def constant(traj, cfg):
+        return 0.25
+
+    assert get_ib_estimator("test_core_ib_constant") is constant
+    register_ib_estimator("test_core_ib_constant")(constant)  # same function again: fine
+    with pytest.raises(ValueError, match="already registered"):
+        register_ib_estimator("ngram")(constant)
+    with pytest.raises(ValueError, match="unknown IB estimator"):
+        score_trajectories([], IBConfig(estimator="nope"))
+    with pytest.raises(ValueError, match="trajectory 1: verifiable reward"):
+        score_trajectories([IBInputs("q", "r", 1.0, 1, 2), IBInputs("q", "r", 2.0, 1, 2)], IBConfig())
+
+
+def test_topn_keep_mask():
+    # parent 0: original row 0 + branches rows 1..4; parent 1: original row 5 + branches 6..8
+    scores = torch.tensor([-9.0, 0.1, 0.9, 0.5, 0.9, -9.0, 0.3, 0.2, 0.1])
+    parents = [0, 0, 0, 0, 0, 1, 1, 1, 1]
+    orig = [True, False, False, False, False, True, False, False, False]
+    keep = topn_keep_mask(scores, parents, orig, top_n=2)
+    # parent 0: top-2 of {1:0.1, 2:0.9, 3:0.5, 4:0.9} -> rows 2 and 4 (tie 0.9, both fit)
+    # parent 1: top-2 of {6:0.3, 7:0.2, 8:0.1} -> rows 6, 7; originals always kept
+    assert keep.tolist() == [True, False, True, False, True, True, True, True, False]
+    # tie at the cut: top-1 of {2:0.9, 4:0.9} -> the lower index (2)
+    assert topn_keep_mask(scores, parents, orig, top_n=1).tolist() == [
+        True, False, True, False, False, True, True, False, False,
+    ]
+    # None -> ceil(K/2): K=4 -> 2, K=3 -> 2 (same as above)
+    assert torch.equal(topn_keep_mask(scores, parents, orig, top_n=None), keep)
+    assert topn_keep_mask(scores, parents, orig, top_n=10).all()
+    assert topn_keep_mask(scores, parents, orig, top_n=0).tolist() == orig
+    # string parent ids work the same; a group without an original keeps its top_n
+    keep_str = topn_keep_mask(scores[1:5], ["b"] * 4, [False] * 4, top_n=1)
+    assert keep_str.tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="2 originals"):
+        topn_keep_mask(torch.zeros(3), [0, 0, 0], [True, True, False], top_n=1)
+    with pytest.raises(ValueError, match="NaN/inf at index 1"):
+        topn_keep_mask(torch.tensor([0.0, float("nan")]), [0, 0], [True, False], top_n=1)
+
+
+def test_best_branch_per_fork_source_rounds():
+    # round 0: originals 0 and 5; round 1: branches 1-4 of 0, 6-8 of 5; round 2: branches 9-10 of row 2
+    scores = torch.tensor([0.0, 0.1, 0.9, 0.5, 0.9, 0.0, 0.3, 0.2, 0.1, 0.4, 0.6])
+    parents = [0, 0, 0, 0, 0, 5, 5, 5, 5, 2, 2]
+    rounds = [0, 1, 1, 1, 1, 0, 1, 1, 1, 2, 2]
+    orig = [r == 0 for r in rounds]
+    keep = topn_keep_mask(scores, parents, orig, top_n=2)
+    # round 1 survivors: {2, 4} (tie -> 2) and {6, 7}; round 2 survivors: {9, 10} (top_n=2 keeps both)
+    assert best_branch_per_fork_source(scores, parents, orig, keep, rounds, 1) == {0: 2, 5: 6}
+    assert best_branch_per_fork_source(scores, parents, orig, keep, rounds, 2) == {2: 10}
+    # nothing survives with top_n=0 -> no fork source for the next round
+    keep0 = topn_keep_mask(scores, parents, orig, top_n=0)
+    assert best_branch_per_fork_source(scores, parents, orig, keep0, rounds, 1) == {}
+    with pytest.raises(ValueError, match="round_index"):
+        best_branch_per_fork_source(scores, parents, orig, keep, rounds, 0)
+    with pytest.raises(ValueError, match="is_original=True but round_ids=1"):
+        best_branch_per_fork_source(scores, parents, [True] * 11, keep, rounds, 1)
