@@ -1,0 +1,350 @@
+"""Conditional VAE over text-encoder embeddings + the latent projector P (METHOD.md, "The CVAE stage").
+
+Networks (all MLPs, ``num_layers`` linear layers of width ``hidden_width``, SiLU in between):
+
+* prior      p_psi(z | e_x)       = N(mu_p, diag exp(logvar_p))   -- queried at rollout time
+* posterior  q_phi(z | e_x, e_y)  = N(mu_q, diag exp(logvar_q))   -- training only
+* decoder    e_y_hat(e_x, z)                                       -- training only
+* projector  P: R^{d_z} -> R^{policy hidden}                       -- the latent token's input embedding
+
+Loss (paper-code parity): ||e_y_hat - e_y||^2 + beta * KL(q || p), averaged over the batch
+(the squared error is summed over embedding dimensions, the KL over latent dimensions).
+
+Checkpoints are one ``torch.save`` file holding plain state dicts plus a header (format version,
+CVAE config, encoder name, mode, training summary) so that a policy / encoder / latent-size
+mismatch is caught at load time with a precise message instead of producing a silent wrong
+latent. Files are read with ``weights_only=True`` (checkpoints may come from untrusted places).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "iib_lpo.cvae"
+CHECKPOINT_FORMAT_VERSION = 1
+CVAE_MODES = ("lars", "prefix", "lm")
+
+# log-variances are clamped to this range before exp(): an untrained or diverging network can
+# otherwise emit logvar = +-100 and produce inf/0 standard deviations (NaN KL, NaN latents).
+LOGVAR_MIN = -12.0
+LOGVAR_MAX = 8.0
+
+
+@dataclass
+class CVAEConfig:
+    """Sizes of the CVAE and the latent projector.
+
+    embed_dim: width of the text encoder's pooled embedding (1536 for deberta-v2-xlarge, the
+        paper code's encoder).
+    latent_dim: d_z, default 128 (the paper code's RL setting; its README trains 1024).
+    hidden_width: MLP width, default 256 (paper code).
+    num_layers: linear layers per MLP, default 3 (paper code: "3-layer MLPs").
+    policy_hidden_size: hidden size of the policy LM; the projector P maps z to this width. Must
+        match the policy at rollout time (checked on load).
+    projector_hidden_width: width of P's single hidden layer (decision: 256, the CVAE's width).
+    projector_init_std: std of P's random init, default 0.01 (METHOD.md "lars" mode: P is a small
+        random map, so alpha * P(z) starts as a weak signal).
+    beta_kl: weight of the KL term, default 1.0 (the paper's loss has no weight; beta < 1 is the
+        usual remedy for posterior collapse).
+    """
+
+    embed_dim: int = 1536
+    latent_dim: int = 128
+    hidden_width: int = 256
+    num_layers: int = 3
+    policy_hidden_size: int = 3584
+    projector_hidden_width: int = 256
+    projector_init_std: float = 0.01
+    beta_kl: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("embed_dim", "latent_dim", "hidden_width", "num_layers", "policy_hidden_size",
+                     "projector_hidden_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"CVAEConfig.{name} must be a positive int, got {value!r}")
+        if not (self.projector_init_std > 0 and math.isfinite(self.projector_init_std)):
+            raise ValueError(f"CVAEConfig.projector_init_std must be > 0, got {self.projector_init_std}")
+        if not (self.beta_kl >= 0 and math.isfinite(self.beta_kl)):
+            raise ValueError(f"CVAEConfig.beta_kl must be >= 0, got {self.beta_kl}")
+
+
+def mlp(in_dim: int, hidden_width: int, out_dim: int, num_layers: int) -> nn.Sequential:
+    """``num_layers`` linear layers with SiLU between them (no activation on the output)."""
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    dims = [in_dim] + [hidden_width] * (num_layers - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < num_layers - 1:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+def gaussian_kl(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mu_q, diag e^logvar_q) || N(mu_p, diag e^logvar_p)) summed over the last dim -> [B]."""
+    var_ratio = torch.exp(logvar_q - logvar_p)
+    mean_term = (mu_q - mu_p).pow(2) * torch.exp(-logvar_p)
+    return 0.5 * (var_ratio + mean_term - 1.0 + logvar_p - logvar_q).sum(dim=-1)
+
+
+def reparameterize(
+    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """z = mu + sigma * eps, eps ~ N(0, I); differentiable in mu and logvar."""
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def _split_gaussian(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mu, logvar = params.chunk(2, dim=-1)
+    return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+
+class LatentProjector(nn.Module):
+    """P: z (d_z) -> latent-token input embedding (policy hidden size); two linear layers."""
+
+    def __init__(self, latent_dim: int, hidden_width: int, out_dim: int, init_std: float = 0.01):
+        super().__init__()
+        self.net = mlp(latent_dim, hidden_width, out_dim, num_layers=2)
+        for module in self.net:
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=init_std)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+@dataclass
+class CVAEOutput:
+    loss: torch.Tensor  # scalar, recon + beta * KL (batch mean)
+    recon: torch.Tensor  # [B] squared L2 error of the decoded embedding
+    kl: torch.Tensor  # [B] KL(q || p)
+    e_y_hat: torch.Tensor  # [B, embed_dim]
+    z: torch.Tensor  # [B, latent_dim], posterior sample
+
+
+class LatentCVAE(nn.Module):
+    """Prior, posterior, decoder and the latent projector P in one module (one checkpoint)."""
+
+    # Sub-modules whose state dicts a checkpoint must contain (in this order).
+    PARTS = ("prior", "posterior", "decoder", "projector")
+
+    def __init__(self, config: CVAEConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.prior = mlp(c.embed_dim, c.hidden_width, 2 * c.latent_dim, c.num_layers)
+        self.posterior = mlp(2 * c.embed_dim, c.hidden_width, 2 * c.latent_dim, c.num_layers)
+        self.decoder = mlp(c.embed_dim + c.latent_dim, c.hidden_width, c.embed_dim, c.num_layers)
+        self.projector = LatentProjector(
+            c.latent_dim, c.projector_hidden_width, c.policy_hidden_size, c.projector_init_std
+        )
+
+    def _check_embeddings(self, e: torch.Tensor, name: str, width: int) -> None:
+        if e.dim() != 2 or e.shape[-1] != width:
+            raise ValueError(f"{name} must have shape [B, {width}], got {tuple(e.shape)}")
+        if not torch.isfinite(e).all():
+            raise ValueError(f"{name} contains NaN or inf")
+
+    def prior_params(self, e_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of p_psi(z | e_x), each [B, latent_dim]."""
+        self._check_embeddings(e_x, "e_x", self.config.embed_dim)
+        return _split_gaussian(self.prior(e_x))
+
+    def posterior_params(self, e_x: torch.Tensor, e_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q_phi(z | e_x, e_y), each [B, latent_dim]."""
+        self._check_embeddings(e_x, "e_x", self.config.embed_dim)
+        self._check_embeddings(e_y, "e_y", self.config.embed_dim)
+        return _split_gaussian(self.posterior(torch.cat([e_x, e_y], dim=-1)))
+
+    def decode(self, e_x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([e_x, z], dim=-1))
+
+    def sample_prior(
+        self, e_x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """num_samples draws from p_psi(z | e_x) per row: [B, num_samples, latent_dim]."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        mu, logvar = self.prior_params(e_x)
+        mu = mu.unsqueeze(1).expand(-1, num_samples, -1)
+        logvar = logvar.unsqueeze(1).expand(-1, num_samples, -1)
+        return reparameterize(mu, logvar, generator)
+
+    def forward(
+        self, e_x: torch.Tensor, e_y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> CVAEOutput:
+        mu_q, logvar_q = self.posterior_params(e_x, e_y)
+        mu_p, logvar_p = self.prior_params(e_x)
+        z = reparameterize(mu_q, logvar_q, generator)
+        e_y_hat = self.decode(e_x, z)
+        recon = (e_y_hat - e_y).pow(2).sum(dim=-1)
+        kl = gaussian_kl(mu_q, logvar_q, mu_p, logvar_p)
+        loss = (recon + self.config.beta_kl * kl).mean()
+        return CVAEOutput(loss=loss, recon=recon, kl=kl, e_y_hat=e_y_hat, z=z)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+class CVAECheckpointError(ValueError):
+    """A CVAE checkpoint is malformed or does not fit the run's configuration."""
+
+
+@dataclass
+class CVAECheckpointInfo:
+    """The header of a CVAE checkpoint (everything except the weights)."""
+
+    config: CVAEConfig
+    encoder_name: str
+    mode: str
+    format_version: int = CHECKPOINT_FORMAT_VERSION
+    train_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def save_cvae_checkpoint(
+    path: str | Path,
+    model: LatentCVAE,
+    *,
+    encoder_name: str,
+    mode: str,
+    train_summary: dict[str, Any] | None = None,
+) -> Path:
+    """Write model weights + header to ``path`` (one file, loadable with weights_only=True).
+
+    train_summary: plain numbers / strings only (e.g. final ELBO, row counts, seed).
+    """
+    if mode not in CVAE_MODES:
+        raise ValueError(f"mode must be one of {CVAE_MODES}, got {mode!r}")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "config": dataclasses.asdict(model.config),
+        "encoder_name": str(encoder_name),
+        "mode": mode,
+        "train_summary": dict(train_summary or {}),
+        "state_dicts": {
+            part: {k: v.detach().cpu().clone() for k, v in getattr(model, part).state_dict().items()}
+            for part in LatentCVAE.PARTS
+        },
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crashed save never leaves a truncated checkpoint behind
+    return path
+
+
+def _header_field(payload: dict, key: str, path: Path) -> Any:
+    if key not in payload:
+        raise CVAECheckpointError(f"{path}: not a CVAE checkpoint (header field {key!r} missing)")
+    return payload[key]
+
+
+def load_cvae_checkpoint(
+    path: str | Path,
+    *,
+    expected_embed_dim: int | None = None,
+    expected_latent_dim: int | None = None,
+    expected_policy_hidden_size: int | None = None,
+    expected_encoder_name: str | None = None,
+    expected_mode: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[LatentCVAE, CVAECheckpointInfo]:
+    """Load and validate a checkpoint written by :func:`save_cvae_checkpoint`.
+
+    Every ``expected_*`` that is not None is compared with the header; a mismatch raises
+    :class:`CVAECheckpointError` naming the field, the checkpoint value and the expected value.
+    State dicts are checked key by key and shape by shape against a model built from the header
+    config, so a hand-edited or truncated file fails with the offending parameter named.
+    The model is returned in eval mode.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CVAECheckpointError(f"CVAE checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, disallowed globals
+        raise CVAECheckpointError(f"{path}: cannot be read as a weights-only torch file: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise CVAECheckpointError(f"{path}: not a CVAE checkpoint (top level is {type(payload).__name__})")
+    fmt = _header_field(payload, "format", path)
+    if fmt != CHECKPOINT_FORMAT:
+        raise CVAECheckpointError(f"{path}: format {fmt!r} is not {CHECKPOINT_FORMAT!r}")
+    version = _header_field(payload, "format_version", path)
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CVAECheckpointError(
+            f"{path}: checkpoint format_version={version} but this code reads version {CHECKPOINT_FORMAT_VERSION}"
+        )
+    raw_config = _header_field(payload, "config", path)
+    known = {f.name for f in dataclasses.fields(CVAEConfig)}
+    if not isinstance(raw_config, dict) or set(raw_config) - known:
+        extra = sorted(set(raw_config) - known) if isinstance(raw_config, dict) else raw_config
+        raise CVAECheckpointError(f"{path}: config header has unknown fields {extra}")
+    try:
+        config = CVAEConfig(**raw_config)
+    except (TypeError, ValueError) as exc:
+        raise CVAECheckpointError(f"{path}: invalid config header: {exc}") from exc
+    info = CVAECheckpointInfo(
+        config=config,
+        encoder_name=str(_header_field(payload, "encoder_name", path)),
+        mode=str(_header_field(payload, "mode", path)),
+        format_version=version,
+        train_summary=dict(payload.get("train_summary") or {}),
+    )
+
+    expectations = [
+        ("embed_dim", config.embed_dim, expected_embed_dim),
+        ("latent_dim", config.latent_dim, expected_latent_dim),
+        ("policy_hidden_size", config.policy_hidden_size, expected_policy_hidden_size),
+        ("encoder_name", info.encoder_name, expected_encoder_name),
+        ("mode", info.mode, expected_mode),
+    ]
+    for name, actual, expected in expectations:
+        if expected is not None and actual != expected:
+            raise CVAECheckpointError(f"{path}: checkpoint {name}={actual!r} but config expects {expected!r}")
+
+    model = LatentCVAE(config)
+    state_dicts = _header_field(payload, "state_dicts", path)
+    if not isinstance(state_dicts, dict):
+        raise CVAECheckpointError(f"{path}: 'state_dicts' is not a dict")
+    for part in LatentCVAE.PARTS:
+        if part not in state_dicts:
+            raise CVAECheckpointError(f"{path}: checkpoint has no weights for '{part}'")
+        module = getattr(model, part)
+        wanted = module.state_dict()
+        given = state_dicts[part]
+        missing = sorted(set(wanted) - set(given))
+        unexpected = sorted(set(given) - set(wanted))
+        if missing or unexpected:
+            raise CVAECheckpointError(
+                f"{path}: '{part}' state dict does not match the config: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        for key, tensor in wanted.items():
+            if tuple(given[key].shape) != tuple(tensor.shape):
+                raise CVAECheckpointError(
+                    f"{path}: '{part}.{key}' has shape {tuple(given[key].shape)} in the checkpoint but "
+                    f"the header config implies {tuple(tensor.shape)}"
+                )
+            if not torch.isfinite(given[key]).all():
+                raise CVAECheckpointError(f"{path}: '{part}.{key}' contains NaN or inf")
+        module.load_state_dict(given, strict=True)
+    model.to(map_location)
+    model.eval()
+    return model, info

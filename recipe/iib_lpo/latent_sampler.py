@@ -1,0 +1,152 @@
+"""Latent sampling for the fork points of one training step (METHOD.md steps 3-4).
+
+condition text c = question + decoded prefix (:func:`build_condition_text`) -> e = E(c) with the
+frozen text encoder (one batched call for all fork points) -> K prior draws z ~ p_psi(z | e) ->
+latent-token embeddings alpha * P(z) (:func:`latent_token_embedding`, the one definition).
+
+Deliberately free of Ray and vLLM: the agent loop wraps :class:`LatentSampler` in a batched Ray
+actor (one actor per node, on the GPU, so the encoder runs once per step, not per branch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from recipe.iib_lpo.cvae import LatentCVAE
+from recipe.iib_lpo.latent_reference import latent_token_embedding
+
+
+def build_condition_text(question: str, prefix_text: str) -> str:
+    """The CVAE condition for a fork point: question text, newline, decoded response prefix.
+
+    The single definition shared by CVAE training ("prefix" mode: question + solution prefix;
+    "lars" mode: question alone, i.e. an empty prefix) and rollout (question + r_i[:t*]), so the
+    prior is queried with text of the form it was trained on. With an empty prefix the condition
+    is the question itself.
+    """
+    if not isinstance(question, str) or not isinstance(prefix_text, str):
+        raise TypeError(
+            f"question and prefix_text must be str, got {type(question).__name__}, {type(prefix_text).__name__}"
+        )
+    if not question.strip():
+        raise ValueError("build_condition_text: empty question")
+    if not prefix_text:
+        return question
+    return f"{question}\n{prefix_text}"
+
+
+@dataclass
+class LatentSamples:
+    """K latent-token embeddings per condition, plus what the trainer logs about them."""
+
+    embeddings: torch.Tensor  # [N, K, policy_hidden] = alpha * P(z), float32
+    z: torch.Tensor  # [N, K, d_z] prior draws
+    z_norms: torch.Tensor  # [N, K] ||z||_2
+    embedding_norms: torch.Tensor  # [N, K] ||alpha * P(z)||_2
+    alpha: float
+
+
+class LatentSampler:
+    """Turns fork-point condition texts into latent-token embeddings.
+
+    encoder: a :class:`recipe.iib_lpo.text_encoder.TextEncoder` (anything with ``encode(list[str])
+        -> Tensor[N, embed_dim]`` and ``embed_dim``); cvae: a trained :class:`LatentCVAE`
+        (typically from ``load_cvae_checkpoint``); device: where the CVAE runs.
+    """
+
+    def __init__(self, encoder, cvae: LatentCVAE, device: str | torch.device = "cpu"):
+        if int(encoder.embed_dim) != cvae.config.embed_dim:
+            raise ValueError(
+                f"text encoder embed_dim={encoder.embed_dim} but the CVAE expects embed_dim={cvae.config.embed_dim}"
+            )
+        self.encoder = encoder
+        self.device = torch.device(device)
+        self.cvae = cvae.to(self.device).eval()
+        self.cvae.requires_grad_(False)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_path,
+        *,
+        expected_policy_hidden_size: int | None = None,
+        encoder_name_or_path: str | None = None,
+        device: str | torch.device = "cpu",
+        encoder_dtype: torch.dtype = torch.float32,
+        micro_batch_size: int = 32,
+    ) -> LatentSampler:
+        """Build the sampler from a train_cvae checkpoint.
+
+        The encoder is the one named in the checkpoint unless ``encoder_name_or_path`` overrides
+        it (e.g. a local copy of the same model); its max length and truncation side are those
+        used in training (recorded in the checkpoint), so the prior is queried as it was trained.
+        ``expected_policy_hidden_size`` (the policy's hidden size) is checked against P's width.
+        """
+        from recipe.iib_lpo.cvae import load_cvae_checkpoint
+        from recipe.iib_lpo.text_encoder import TextEncoder
+
+        cvae, info = load_cvae_checkpoint(
+            checkpoint_path, expected_policy_hidden_size=expected_policy_hidden_size, map_location=device
+        )
+        encoder = TextEncoder(
+            encoder_name_or_path or info.encoder_name,
+            max_length=int(info.train_summary.get("encoder_max_length", 512)),
+            truncation_side=str(info.train_summary.get("encoder_truncation_side", "left")),
+            micro_batch_size=micro_batch_size,
+            device=device,
+            dtype=encoder_dtype,
+        )
+        return cls(encoder, cvae, device=device)
+
+    @property
+    def policy_hidden_size(self) -> int:
+        return self.cvae.config.policy_hidden_size
+
+    @torch.no_grad()
+    def sample_latent_embeddings(
+        self,
+        condition_texts: Sequence[str],
+        num_samples: int,
+        alpha: float,
+        generator: torch.Generator | None = None,
+    ) -> LatentSamples | None:
+        """K = num_samples latent-token embeddings for each of N condition texts.
+
+        Returns None when alpha == 0: "no latent token" (plain resampling from the fork), and the
+        encoder is not run at all. ``generator`` (on the CVAE's device) makes the draws
+        reproducible. One encoder call covers all N conditions.
+        """
+        alpha = float(alpha)
+        if not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if alpha == 0.0:
+            return None
+        texts = list(condition_texts)
+        c = self.cvae.config
+        if not texts:
+            empty = torch.empty(0, num_samples, dtype=torch.float32, device=self.device)
+            return LatentSamples(
+                embeddings=torch.empty(0, num_samples, c.policy_hidden_size, device=self.device),
+                z=torch.empty(0, num_samples, c.latent_dim, device=self.device),
+                z_norms=empty, embedding_norms=empty.clone(), alpha=alpha,
+            )
+        e_x = self.encoder.encode(texts).to(device=self.device, dtype=torch.float32)
+        if e_x.shape != (len(texts), c.embed_dim):
+            raise ValueError(f"encoder returned shape {tuple(e_x.shape)}, expected ({len(texts)}, {c.embed_dim})")
+        z = self.cvae.sample_prior(e_x, num_samples, generator=generator)
+        embeddings = latent_token_embedding(self.cvae.projector, z, alpha)
+        if not torch.isfinite(embeddings).all():
+            raise FloatingPointError("latent embeddings contain NaN or inf (corrupt CVAE or encoder output)")
+        return LatentSamples(
+            embeddings=embeddings,
+            z=z,
+            z_norms=z.norm(dim=-1),
+            embedding_norms=embeddings.norm(dim=-1),
+            alpha=alpha,
+        )

@@ -1,0 +1,172 @@
+"""CVAE networks, closed-form KL, training signal and checkpoint validation (recipe/iib_lpo/cvae.py)."""
+
+import pytest
+import torch
+
+from recipe.iib_lpo.cvae import (
+    CVAECheckpointError,
+    CVAEConfig,
+    LatentCVAE,
+    gaussian_kl,
+    load_cvae_checkpoint,
+    save_cvae_checkpoint,
+)
+from recipe.iib_lpo.train_cvae import train_cvae_on_embeddings
+
+SMALL = dict(embed_dim=8, latent_dim=4, hidden_width=32, num_layers=3, policy_hidden_size=16,
+             projector_hidden_width=16)
+
+def test_gaussian_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mu_q, mu_p = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    lv_q, lv_p = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    ours = gaussian_kl(mu_q, lv_q, mu_p, lv_p)
+    q = torch.distributions.Independent(torch.distributions.Normal(mu_q, torch.exp(0.5 * lv_q)), 1)
+    p = torch.distributions.Independent(torch.distributions.Normal(mu_p, torch.exp(0.5 * lv_p)), 1)
+    expected = torch.distributions.kl_divergence(q, p)
+    assert ours.shape == (5,)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # KL of a distribution with itself is 0; against N(0, I) it has the textbook form
+    torch.testing.assert_close(gaussian_kl(mu_q, lv_q, mu_q, lv_q), torch.zeros(5), atol=1e-6, rtol=0)
+    standard = 0.5 * (lv_q.exp() + mu_q.pow(2) - 1 - lv_q).sum(-1)
+    torch.testing.assert_close(gaussian_kl(mu_q, lv_q, torch.zeros_like(mu_q), torch.zeros_like(lv_q)), standard)
+
+def test_config_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="latent_dim"):
+        CVAEConfig(latent_dim=0)
+    with pytest.raises(ValueError, match="beta_kl"):
+        CVAEConfig(beta_kl=-1.0)
+
+def test_shapes_projector_init_and_bad_input():
+    torch.manual_seed(0)
+    model = LatentCVAE(CVAEConfig(embed_dim=8, latent_dim=4, hidden_width=32, policy_hidden_size=600,
+                                  projector_hidden_width=400))
+    e_x, e_y = torch.randn(3, 8), torch.randn(3, 8)
+    out = model(e_x, e_y)
+    assert out.e_y_hat.shape == (3, 8) and out.z.shape == (3, 4) and out.kl.shape == (3,)
+    assert torch.isclose(out.loss, (out.recon + out.kl).mean())
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.prior) == 3  # 3-layer MLPs
+    weights = torch.cat([m.weight.flatten() for m in model.projector.net if isinstance(m, torch.nn.Linear)])
+    assert abs(weights.std().item() - 0.01) < 1e-3  # METHOD.md: P random init with std 0.01
+    assert model.projector(torch.randn(2, 4)).shape == (2, 600)
+    with pytest.raises(ValueError, match=r"e_x must have shape \[B, 8\]"):
+        model.prior_params(torch.randn(3, 9))
+    with pytest.raises(ValueError, match="NaN"):
+        model.prior_params(torch.full((1, 8), float("nan")))
+
+def test_prior_samples_differ_and_are_reproducible():
+    torch.manual_seed(0)
+    model = LatentCVAE(CVAEConfig(**SMALL))
+    e_x = torch.randn(2, 8)
+    z1 = model.sample_prior(e_x, 5, generator=torch.Generator().manual_seed(3))
+    z2 = model.sample_prior(e_x, 5, generator=torch.Generator().manual_seed(3))
+    assert z1.shape == (2, 5, 4)
+    assert torch.equal(z1, z2)
+    for row in z1:  # the K samples of one condition are distinct
+        assert torch.cdist(row, row).add(torch.eye(5) * 1e9).min() > 1e-3
+    # their mean approaches the prior mean with many draws
+    mu, _ = model.prior_params(e_x)
+    many = model.sample_prior(e_x, 20000, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(many.mean(1), mu, atol=0.05, rtol=0)
+
+def _toy_data(n=512, seed=0):
+    """e_y = tanh(A e_x) + c_k with a hidden discrete factor k: e_x alone cannot predict e_y, so a
+    useful latent must carry k (KL > 0), and the ELBO can only approach its optimum through z."""
+    g = torch.Generator().manual_seed(seed)
+    e_x = torch.randn(n, 8, generator=g)
+    a = torch.randn(8, 8, generator=g)
+    centers = 2.0 * torch.randn(4, 8, generator=g)
+    k = torch.randint(0, 4, (n,), generator=g)
+    e_y = torch.tanh(e_x @ a) + centers[k] + 0.05 * torch.randn(n, 8, generator=g)
+    return e_x, e_y
+
+def test_elbo_improves_and_latent_carries_the_hidden_factor():
+    torch.manual_seed(0)
+    e_x, e_y = _toy_data()
+    model = LatentCVAE(CVAEConfig(**SMALL))
+    history = train_cvae_on_embeddings(model, e_x, e_y, epochs=30, batch_size=64, lr=3e-3, show_progress=False)
+    first, last = history[0], history[-1]
+    assert last.elbo > first.elbo
+    assert last.loss < 0.3 * first.loss
+    assert last.kl > 0.5  # the posterior is not collapsed onto the prior
+    # the variance of the hidden centers (~4 per dim * 8 dims = 32) is what e_x cannot explain;
+    # reconstruction through the posterior must explain most of it
+    assert last.recon < 8.0
+    # decoding with the posterior mean beats decoding with the prior mean: z carries k
+    with torch.no_grad():
+        mu_q, _ = model.posterior_params(e_x, e_y)
+        mu_p, _ = model.prior_params(e_x)
+        err_q = (model.decode(e_x, mu_q) - e_y).pow(2).sum(-1).mean()
+        err_p = (model.decode(e_x, mu_p) - e_y).pow(2).sum(-1).mean()
+    assert err_q < 0.5 * err_p
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = LatentCVAE(CVAEConfig(**SMALL)).eval()
+    path = save_cvae_checkpoint(tmp_path / "c.pt", model, encoder_name="tiny-enc", mode="prefix",
+                                train_summary={"final_elbo": -1.5, "rows_used": 3})
+    loaded, info = load_cvae_checkpoint(path, expected_embed_dim=8, expected_latent_dim=4,
+                                        expected_policy_hidden_size=16, expected_encoder_name="tiny-enc",
+                                        expected_mode="prefix")
+    assert info.config == model.config and info.mode == "prefix" and info.encoder_name == "tiny-enc"
+    assert info.train_summary == {"final_elbo": -1.5, "rows_used": 3}
+    assert not loaded.training
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    e_x, z = torch.randn(2, 8), torch.randn(2, 4)
+    assert torch.equal(model.prior(e_x), loaded.prior(e_x))
+    assert torch.equal(model.projector(z), loaded.projector(z))
+
+def test_checkpoint_mismatches_fail_precisely(tmp_path):
+    torch.manual_seed(0)
+    model = LatentCVAE(CVAEConfig(**{**SMALL, "latent_dim": 64}))
+    path = save_cvae_checkpoint(tmp_path / "c.pt", model, encoder_name="enc-a", mode="lars")
+    with pytest.raises(CVAECheckpointError, match="checkpoint latent_dim=64 but config expects 128"):
+        load_cvae_checkpoint(path, expected_latent_dim=128)
+    with pytest.raises(CVAECheckpointError, match="policy_hidden_size=16 but config expects 3584"):
+        load_cvae_checkpoint(path, expected_policy_hidden_size=3584)
+    with pytest.raises(CVAECheckpointError, match="encoder_name='enc-a' but config expects 'enc-b'"):
+        load_cvae_checkpoint(path, expected_encoder_name="enc-b")
+    with pytest.raises(CVAECheckpointError, match="mode='lars' but config expects 'prefix'"):
+        load_cvae_checkpoint(path, expected_mode="prefix")
+
+    payload = torch.load(path, weights_only=True)
+    payload["state_dicts"]["decoder"]["0.weight"] = torch.zeros(3, 3)
+    torch.save(payload, tmp_path / "shape.pt")
+    with pytest.raises(CVAECheckpointError, match=r"'decoder.0.weight' has shape \(3, 3\) in the checkpoint"):
+        load_cvae_checkpoint(tmp_path / "shape.pt")
+
+    payload = torch.load(path, weights_only=True)
+    del payload["state_dicts"]["prior"]["2.bias"]
+    torch.save(payload, tmp_path / "missing.pt")
+    with pytest.raises(CVAECheckpointError, match=r"'prior' state dict .*missing keys \['2.bias'\]"):
+        load_cvae_checkpoint(tmp_path / "missing.pt")
+
+    payload = torch.load(path, weights_only=True)
+    del payload["state_dicts"]["projector"]
+    torch.save(payload, tmp_path / "noproj.pt")
+    with pytest.raises(CVAECheckpointError, match="no weights for 'projector'"):
+        load_cvae_checkpoint(tmp_path / "noproj.pt")
+
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "version.pt")
+    with pytest.raises(CVAECheckpointError, match="format_version=99"):
+        load_cvae_checkpoint(tmp_path / "version.pt")
+
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CVAECheckpointError, match="not a CVAE checkpoint"):
+        load_cvae_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CVAECheckpointError, match="does not exist"):
+        load_cvae_checkpoint(tmp_path / "nope.pt")
+
+class _Arbitrary:  # a pickled class: weights_only loading must refuse it
+    pass
+
+def test_checkpoint_loading_is_weights_only(tmp_path):
+    torch.save({"format": "iib_lpo.cvae", "payload": _Arbitrary()}, tmp_path / "evil.pt")
+    with pytest.raises(CVAECheckpointError, match="weights-only"):
+        load_cvae_checkpoint(tmp_path / "evil.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip file")
+    with pytest.raises(CVAECheckpointError, match="cannot be read"):
+        load_cvae_checkpoint(tmp_path / "junk.pt")
