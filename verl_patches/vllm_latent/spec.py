@@ -1,0 +1,23 @@
+"""Names shared by the request side (agent loop) and the engine side (vLLM model/processor).
+
+Kept free of vLLM imports so that building requests never imports the engine.
+"""
+
+# The latent rides vLLM's multimodal path as a precomputed one-token "image" embedding: "image"
+# is the modality whose embedding inputs vLLM 0.24 parses natively (`image_embeds`), and verl
+# 0.9.1's vLLMHttpServer.generate already forwards `image_data` as multi_modal_data["image"].
+LATENT_MODALITY = "image"
+LATENT_EMBEDS_FIELD = f"{LATENT_MODALITY}_embeds"
+
+# hf_config attribute (set through engine arg `hf_overrides`) naming the placeholder token id.
+PLACEHOLDER_CONFIG_KEY = "latent_placeholder_token_id"
+
+# Module holding the vLLM model classes; registered lazily as "module:Class" strings, which vLLM
+# inspects in a subprocess, so it must be importable from the installed package.
+MODEL_MODULE = "verl_patches.vllm_latent.model"
+
+# Stock Hugging Face architecture -> latent-token architecture (same checkpoint, same weights).
+LATENT_ARCHITECTURES: dict[str, str] = {
+    "Qwen2ForCausalLM": "Qwen2LatentForCausalLM",
+    "Qwen3ForCausalLM": "Qwen3LatentForCausalLM",
+}
