@@ -14,6 +14,13 @@ alpha == 0 means NO latent token at all: callers must skip inserting the token (
 from t*, the ``latent.mode=none`` behaviour), not insert a zero embedding -- a zero-embedding
 token is still a token the continuation attends to and shifts positions. ``latent_token_enabled``
 is the one place that decides this.
+
+What alpha scales (measured, tests/test_latent_reference_alpha_scale.py): Qwen2/Qwen3 RMS-normalise
+every position's input before the first attention layer, so that layer sees only the direction of
+alpha * P(z); alpha scales the latent's contribution to the residual stream, not its presence. As
+alpha -> 0 the effect converges to a fixed "empty token" (on the tiny test model, a max log-prob
+shift of ~0.4 at alpha = 1e-4 vs ~1.1 at alpha = 1), not to the plain model. A decaying schedule
+therefore weakens the steering without ever removing the token; only alpha == 0 does that.
 """
 
 from __future__ import annotations

@@ -1,0 +1,35 @@
+"""What alpha does and does not do to the latent token (documents a property the alpha schedule
+relies on; see recipe/iib_lpo/alpha_schedule.py).
+
+Qwen2/Qwen3 apply RMSNorm to every position's input before the first attention layer, so the
+first layer sees only the latent embedding's direction: shrinking alpha toward 0 does NOT fade the
+token into "no token". It converges to a fixed, non-trivial "empty token" effect. Only alpha == 0
+(no virtual token at all, `latent_embedding=None`) gives the plain model exactly.
+"""
+
+import torch
+
+from recipe.iib_lpo.latent_reference import score_continuation
+
+
+@torch.no_grad()
+def test_small_alpha_does_not_converge_to_the_plain_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    hidden = model.config.hidden_size
+    context, continuation = list(range(10, 40)), list(range(50, 66))
+    direction = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
+    direction = direction / direction.norm() * model.get_input_embeddings().weight.norm(dim=-1).mean()
+
+    plain = score_continuation(model, context, continuation, None)
+    deviation = {
+        alpha: (score_continuation(model, context, continuation, alpha * direction) - plain).abs().max().item()
+        for alpha in (1.0, 1e-2, 1e-4)
+    }
+    # alpha == 0 -> exactly the plain model (the token is skipped, not zeroed).
+    assert torch.equal(score_continuation(model, context, continuation, None), plain)
+    # Small alpha stays far from the plain model: the first layer normalises the scale away.
+    assert deviation[1e-4] > 0.05, deviation
+    # ...and close to the alpha=1e-2 effect: the limit is a fixed "empty token", not zero effect.
+    assert abs(deviation[1e-4] - deviation[1e-2]) < 0.5 * deviation[1e-2], deviation
