@@ -13,6 +13,10 @@ def register_all() -> None:
     if _REGISTERED:
         return
     # Each import below registers its components as a side effect of defining them.
+    import recipe.iib_lpo.advantage  # noqa: F401  registers adv_estimator=iib_lpo
+    from verl_patches.rollout_server import register_rollout_server  # rollout.name=iib_lpo_vllm
+
+    register_rollout_server()
     _REGISTERED = True
 
 

@@ -1,0 +1,672 @@
+"""The I2B-LPO branching rollout as a verl 0.9.1 agent loop (METHOD.md steps 1-4).
+
+verl's V1 rollout (``AgentLoopWorkerTQ._run_prompt``) starts ``rollout.n`` sessions of one prompt
+as tasks in ONE worker event loop, each an instance of the configured agent loop, with a shared
+``uid`` and ``session_id`` = 0..n-1; every session returns one trajectory. This loop turns the
+n = M * (1 + K) sessions of a prompt into M initial rollouts and K latent branches of each:
+
+    session s <  M                : initial rollout i = s
+    session s >= M, j = s - M     : branch k = j % K of parent i = j // K
+    (e.g. M=2, K=3: sessions 0,1 initial; 2,3,4 branches of parent 0; 5,6,7 of parent 1)
+
+An initial session generates from the prompt, asking the server for the top-k log-probs of each
+generated token (``verl_patches.rollout_server``, ``rollout.name=iib_lpo_vllm``), estimates the
+per-token entropy of the sampling distribution from them
+(``entropy.estimate_entropy_from_topk``), picks the fork point t* (``branching``), and publishes
+the result in a per-prompt registry in the worker's event loop. A branch session waits only for
+its own parent (no barrier across prompts or parents), then continues ``prompt + r_i[:t*]``
+(+ one latent token with embedding alpha * P(z)) with the parent's request id, so verl's sticky
+router sends it to the parent's replica and the shared prefix comes from that replica's prefix
+cache. Latents come from the batched latent service (``latent_service``): condition text =
+question + decoded prefix (``latent_sampler.build_condition_text``), K draws per fork point in
+one request made by the first branch of that parent.
+
+Branch trajectory = r_i[:t*] + continuation; prefix tokens have response_mask 0 (trained
+through the parent), continuation tokens 1; rollout log-probs are aligned token by token
+(prefix positions carry the parent's log-probs). The latent token itself is not part of the
+trajectory: the actor recomputes log-probs without z (METHOD.md step 8).
+
+Failure handling: a parent that raises or produces no usable output releases its branches with
+``ParentRolloutError`` (verl then marks the prompt ``failure``); a branch waits at most
+``parent_wait_timeout_s``. A parent too short to fork (empty candidate window) still gets K
+well-formed branches: plain resamples from the prompt, flagged ``fork_reason="too_short"``.
+
+Per-trajectory ``extra_fields``: iib_role ("initial"/"branch"), iib_parent_index,
+iib_branch_index (-1 for initial), iib_fork_position (t*, -1 if none), iib_fork_entropy
+(NaN if none), iib_fork_reason, iib_alpha, iib_latent_norm (NaN without latent),
+iib_latent_status ("injected" / "disabled" / "placeholder_in_context" / "no_fork"),
+iib_prefix_length, iib_generated_length, iib_num_cached_tokens, iib_mean_entropy (initial).
+
+Config (all under the recipe's top-level ``iib_lpo`` group; defaults in brackets):
+- ``num_initial_rollouts`` M [2], ``num_branches`` K [3] (the authors' parity setting:
+  M=2, K=3, 8 trajectories per prompt); ``actor_rollout_ref.rollout.n`` must equal M*(1+K).
+- ``branching.{rho,t_min,t_margin,strategy}``: ``branching.BranchingConfig`` [0.05, 1, 8, uniform].
+- ``entropy.top_k`` [20]: k of the top-k log-probs (METHOD.md: k >= 20); ``entropy.source``
+  must be "topk" here (exact logits are not available from the rollout engine).
+- ``latent.mode`` ["cvae"; "none" = fork and resample without z, the honest ablation],
+  ``latent.placeholder_token_id`` (required for cvae), ``latent.alpha.{schedule,alpha_init,
+  alpha_min,decay_rate}``: ``alpha_schedule.AlphaSchedule``, evaluated at the batch's
+  ``global_steps`` (verl passes it to every session) over ``latent.total_steps`` (default:
+  ``trainer.total_training_steps``; a constant schedule needs neither).
+  ``latent.service.*``: ``latent_service.LatentServiceConfig``.
+- ``agent_loop.parent_wait_timeout_s`` [1800]: how long a branch waits for its parent.
+- ``agent_loop.sampling_seed`` [null]: if set, every request gets a vLLM per-request seed
+  derived from (seed, global_steps, dataset index, session), so a rollout is reproducible
+  independently of batching; fork points are always drawn from a generator seeded the same way.
+- ``agent_loop.validation_agent_loop`` ["single_turn_agent"]: validation prompts are sent to this
+  agent loop by ``IibLpoAgentLoopManagerTQ`` (an agent loop cannot tell validation from
+  training: verl drops the flag before calling it).
+
+Registration: ``@register("iib_lpo_branching")`` (when this module is imported) and
+``config/agent_loop.yaml`` for ``actor_rollout_ref.rollout.agent.agent_loop_config_path``
+(resolved in every worker; ``agent_loop_config_path()`` returns its absolute path).
+Not implemented: iterative rounds R > 1 (forking again from branches).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import torch
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
+from verl.utils.profiler import simple_timer
+
+from recipe.iib_lpo.alpha_schedule import AlphaSchedule, latent_token_enabled
+from recipe.iib_lpo.branching import FORK_OK, BranchingConfig, ForkDecision, choose_fork_position
+from recipe.iib_lpo.entropy import EntropyConfig, estimate_entropy_from_topk
+from recipe.iib_lpo.latent_service import LatentServiceConfig, get_latent_service_client
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
+
+AGENT_NAME = "iib_lpo_branching"
+TOPK_LOGPROBS_FIELD = "topk_logprobs"  # the key verl_patches.rollout_server fills
+LATENT_MODES = ("cvae", "none")
+ROLE_INITIAL = "initial"
+ROLE_BRANCH = "branch"
+FORK_REASON_NO_BRANCHES = "not_a_parent"
+# iib_latent_status of a trajectory
+LATENT_INJECTED = "injected"  # a branch continued after the latent token
+LATENT_DISABLED = "disabled"  # a branch forked without latent: latent.mode=none or alpha == 0
+LATENT_PLACEHOLDER_IN_CONTEXT = "placeholder_in_context"  # forked without latent (see _run_branch)
+LATENT_NO_FORK = "no_fork"  # initial rollouts, and branches of a parent too short to fork
+
+
+def agent_loop_config_path() -> str:
+    """Absolute path of the YAML that registers this loop (``rollout.agent.agent_loop_config_path``)."""
+    return str(Path(__file__).resolve().parent / "config" / "agent_loop.yaml")
+
+
+class ParentRolloutError(RuntimeError):
+    """A branch's parent rollout failed, so the branch has nothing to fork from."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces: layout, trajectory assembly, seeds
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionRole:
+    """What session ``session_id`` of a prompt does."""
+
+    role: str  # ROLE_INITIAL or ROLE_BRANCH
+    parent_index: int  # i: the initial rollout this session is, or forks from
+    branch_index: int  # k for a branch, -1 for an initial rollout
+
+
+def check_group_layout(rollout_n: int, num_initial: int, num_branches: int) -> None:
+    """rollout.n must be M * (1 + K); raises a ValueError naming the numbers otherwise."""
+    if not isinstance(num_initial, int) or num_initial < 1:
+        raise ValueError(f"iib_lpo.num_initial_rollouts must be an int >= 1, got {num_initial!r}")
+    if not isinstance(num_branches, int) or num_branches < 0:
+        raise ValueError(f"iib_lpo.num_branches must be an int >= 0, got {num_branches!r}")
+    expected = num_initial * (1 + num_branches)
+    if rollout_n != expected:
+        raise ValueError(
+            f"actor_rollout_ref.rollout.n={rollout_n} does not match the branching layout: "
+            f"M={num_initial} initial rollouts x (1 + K={num_branches} branches) = {expected} sessions per prompt. "
+            f"Set rollout.n={expected}, or change iib_lpo.num_initial_rollouts / iib_lpo.num_branches "
+            f"(rollout.n must be divisible by 1 + K = {1 + num_branches})."
+        )
+
+
+def session_role(session_id: int, num_initial: int, num_branches: int) -> SessionRole:
+    """Sessions 0..M-1 are initial rollouts; session M + i*K + k is branch k of parent i."""
+    total = num_initial * (1 + num_branches)
+    if not isinstance(session_id, int) or not 0 <= session_id < total:
+        raise ValueError(f"session_id={session_id!r} outside [0, {total}) for M={num_initial}, K={num_branches}")
+    if session_id < num_initial:
+        return SessionRole(ROLE_INITIAL, session_id, -1)
+    j = session_id - num_initial
+    return SessionRole(ROLE_BRANCH, j // num_branches, j % num_branches)
+
+
+def assemble_branch_trajectory(
+    parent_response_ids: list[int],
+    parent_logprobs: list[float] | None,
+    fork_position: int,
+    continuation_ids: list[int],
+    continuation_logprobs: list[float] | None,
+    response_length: int,
+) -> tuple[list[int], list[int], list[float] | None]:
+    """(response_ids, response_mask, log-probs) of a branch: r[:t*] (mask 0) + continuation (mask 1).
+
+    Truncated to ``response_length``. Log-probs are None unless both sides have them.
+    """
+    if not 0 <= fork_position <= len(parent_response_ids):
+        raise ValueError(f"fork position {fork_position} outside the parent response [0, {len(parent_response_ids)}]")
+    if continuation_logprobs is not None and len(continuation_logprobs) != len(continuation_ids):
+        raise ValueError(f"{len(continuation_logprobs)} log-probs for {len(continuation_ids)} continuation tokens")
+    if parent_logprobs is not None and len(parent_logprobs) != len(parent_response_ids):
+        raise ValueError(f"{len(parent_logprobs)} log-probs for {len(parent_response_ids)} parent tokens")
+    prefix = list(parent_response_ids[:fork_position])
+    response_ids = (prefix + list(continuation_ids))[:response_length]
+    response_mask = ([0] * len(prefix) + [1] * len(continuation_ids))[:response_length]
+    logprobs = None
+    if parent_logprobs is not None and continuation_logprobs is not None:
+        logprobs = (list(parent_logprobs[:fork_position]) + list(continuation_logprobs))[:response_length]
+    return response_ids, response_mask, logprobs
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from any printable parts (stable across processes, unlike hash())."""
+    digest = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def entropies_from_topk(topk_logprobs: Any, vocab_size: int) -> torch.Tensor:
+    """Per-token entropy estimates [T] from the server's [T, k] top-k log-probs."""
+    topk = torch.tensor(np.asarray(topk_logprobs), dtype=torch.float32)  # a copy: Ray arrays are read-only
+    if topk.ndim != 2:
+        raise ValueError(f"top-k log-probs must be [num_tokens, k], got shape {tuple(topk.shape)}")
+    if topk.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float32)
+    return estimate_entropy_from_topk(topk, vocab_size).estimate.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BranchingRolloutConfig:
+    num_initial: int = 2
+    num_branches: int = 3
+    branching: BranchingConfig = field(default_factory=BranchingConfig)
+    entropy: EntropyConfig = field(default_factory=lambda: EntropyConfig(source="topk", top_k=20))
+    latent_mode: str = "cvae"
+    placeholder_token_id: int | None = None
+    alpha: AlphaSchedule = field(default_factory=AlphaSchedule)
+    total_steps: int | None = None
+    service: LatentServiceConfig = field(default_factory=LatentServiceConfig)
+    parent_wait_timeout_s: float = 1800.0
+    sampling_seed: int | None = None
+    validation_agent_loop: str = "single_turn_agent"
+
+    @classmethod
+    def from_trainer_config(cls, config: Any) -> BranchingRolloutConfig:
+        from omegaconf import OmegaConf
+
+        raw = config.get("iib_lpo", None)
+        raw = OmegaConf.to_container(raw, resolve=True) if raw is not None and not isinstance(raw, dict) else dict(raw or {})
+        latent = dict(raw.get("latent") or {})
+        agent = dict(raw.get("agent_loop") or {})
+        entropy = dict(raw.get("entropy") or {})
+        entropy.setdefault("source", "topk")
+        total_steps = latent.get("total_steps")
+        if total_steps is None:
+            total_steps = config.get("trainer", {}).get("total_training_steps", None)
+        out = cls(
+            num_initial=int(raw.get("num_initial_rollouts", 2)),
+            num_branches=int(raw.get("num_branches", 3)),
+            branching=BranchingConfig(**dict(raw.get("branching") or {})),
+            entropy=EntropyConfig(**entropy),
+            latent_mode=str(latent.get("mode", "cvae")),
+            placeholder_token_id=latent.get("placeholder_token_id"),
+            alpha=AlphaSchedule(**dict(latent.get("alpha") or {})),
+            total_steps=None if total_steps is None else int(total_steps),
+            service=LatentServiceConfig.from_dict(latent.get("service")),
+            parent_wait_timeout_s=float(agent.get("parent_wait_timeout_s", 1800.0)),
+            sampling_seed=agent.get("sampling_seed"),
+            validation_agent_loop=str(agent.get("validation_agent_loop", "single_turn_agent")),
+        )
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.entropy.source != "topk":
+            raise ValueError(
+                f"iib_lpo.entropy.source={self.entropy.source!r}: the branching rollout gets entropies from the "
+                "rollout engine's top-k log-probs, so only 'topk' is supported here"
+            )
+        if self.latent_mode not in LATENT_MODES:
+            raise ValueError(f"iib_lpo.latent.mode must be one of {LATENT_MODES}, got {self.latent_mode!r}")
+        if self.latent_mode == "cvae" and self.placeholder_token_id is None:
+            raise ValueError("iib_lpo.latent.mode=cvae needs iib_lpo.latent.placeholder_token_id")
+        if not self.parent_wait_timeout_s > 0:
+            raise ValueError(f"iib_lpo.agent_loop.parent_wait_timeout_s must be > 0, got {self.parent_wait_timeout_s}")
+
+    def alpha_at(self, global_step: Any) -> float:
+        """alpha of the latent schedule at verl's global step (0 with latent.mode=none)."""
+        if self.latent_mode == "none":
+            return 0.0
+        if self.alpha.schedule == "constant":
+            return float(self.alpha.alpha_init)
+        if self.total_steps is None:
+            raise ValueError(
+                f"alpha schedule {self.alpha.schedule!r} needs the number of training steps: set "
+                "iib_lpo.latent.total_steps or trainer.total_training_steps"
+            )
+        step = max(0, int(global_step) - 1) if global_step is not None and int(global_step) >= 0 else 0
+        return self.alpha.alpha(step, self.total_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-prompt registry (lives in the worker's event loop)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParentResult:
+    request_id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float] | None
+    entropies: torch.Tensor
+    decision: ForkDecision
+    min_global_steps: Any
+    max_global_steps: Any
+
+
+@dataclass
+class _PromptGroup:
+    parents: list[asyncio.Future]
+    latents: dict[int, asyncio.Task] = field(default_factory=dict)
+    finished_sessions: int = 0
+
+
+class _GroupRegistry:
+    """Per-prompt rendezvous between parent and branch sessions of one worker process.
+
+    Keyed by (uid, global_steps) (verl may re-issue a prompt in a later step with the same uid).
+    An entry is dropped when all n sessions finished; at most ``max_groups`` are kept (oldest
+    dropped first) so prompts whose sessions never all arrive cannot leak memory.
+    """
+
+    def __init__(self, max_groups: int = 100_000):
+        self._groups: OrderedDict[Any, _PromptGroup] = OrderedDict()
+        self.max_groups = max_groups
+
+    def get(self, key: Any, num_initial: int) -> _PromptGroup:
+        group = self._groups.get(key)
+        if group is None:
+            loop = asyncio.get_running_loop()
+            group = _PromptGroup(parents=[loop.create_future() for _ in range(num_initial)])
+            self._groups[key] = group
+            while len(self._groups) > self.max_groups:
+                old_key, old = self._groups.popitem(last=False)
+                logger.warning("dropping unfinished branching group %s (registry over %d)", old_key, self.max_groups)
+                for fut in old.parents:
+                    if not fut.done():
+                        fut.set_exception(ParentRolloutError(f"group {old_key} evicted from the registry"))
+        return group
+
+    def session_finished(self, key: Any, total_sessions: int) -> None:
+        group = self._groups.get(key)
+        if group is None:
+            return
+        group.finished_sessions += 1
+        if group.finished_sessions >= total_sessions:
+            del self._groups[key]
+            for fut in group.parents:  # nobody waits any more: silence "exception never retrieved"
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
+# Futures belong to one event loop, so each loop gets its own registry (a verl worker has one).
+_REGISTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def group_registry() -> _GroupRegistry:
+    """The registry of the running event loop."""
+    loop = asyncio.get_running_loop()
+    registry = _REGISTRIES.get(loop)
+    if registry is None:
+        registry = _REGISTRIES[loop] = _GroupRegistry()
+    return registry
+
+
+# ----------------------------------------------------------------------------------------------
+# The agent loop
+# ----------------------------------------------------------------------------------------------
+
+
+@register(AGENT_NAME)
+class BranchingAgentLoop(AgentLoopBase):
+    """M initial rollouts + K latent branches of each, one trajectory per verl session."""
+
+    # Injected by tests / the CPU demo: replaces LatentSampler.from_checkpoint (in_process backend).
+    sampler_factory = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.iib = BranchingRolloutConfig.from_trainer_config(self.config)
+        self.prompt_length = self.rollout_config.prompt_length
+        self.response_length = self.rollout_config.response_length
+        self.vocab_size = len(self.tokenizer)
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
+        cfg = self.iib
+        if "session_id" not in kwargs or "uid" not in kwargs:
+            raise ValueError(
+                f"{AGENT_NAME} needs the 'session_id' and 'uid' kwargs of verl's V1 rollout (AgentLoopManagerTQ); "
+                f"got keys {sorted(kwargs)}"
+            )
+        check_group_layout(int(self.rollout_config.n), cfg.num_initial, cfg.num_branches)
+        session_id = int(kwargs["session_id"])
+        role = session_role(session_id, cfg.num_initial, cfg.num_branches)
+        global_steps = kwargs.get("global_steps")
+        key = (str(kwargs["uid"]), str(global_steps))
+        total_sessions = cfg.num_initial * (1 + cfg.num_branches)
+        registry = group_registry()
+        group = registry.get(key, cfg.num_initial)
+        try:
+            prompt_ids = await self._build_prompt_ids(kwargs)
+            if role.role == ROLE_INITIAL:
+                return await self._run_initial(group, role, prompt_ids, sampling_params, kwargs)
+            return await self._run_branch(group, role, prompt_ids, sampling_params, kwargs)
+        except BaseException as err:
+            # Whatever failed in a parent session, its branches must not wait for it.
+            future = group.parents[role.parent_index]
+            if role.role == ROLE_INITIAL and not future.done():
+                future.set_exception(
+                    ParentRolloutError(f"initial rollout {role.parent_index} of prompt {kwargs['uid']} failed: {err!r}")
+                )
+            raise
+        finally:
+            registry.session_finished(key, total_sessions)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _build_prompt_ids(self, kwargs: dict) -> list[int]:
+        messages = list(kwargs["raw_prompt"])
+        self._assert_mm_supported(bool(await self.process_multi_modal_info(messages)))
+        return await self.ct_build_initial_tokens(messages)
+
+    def _request_seed(self, kwargs: dict, *parts: Any) -> int | None:
+        if self.iib.sampling_seed is None:
+            return None
+        return derived_seed(self.iib.sampling_seed, kwargs.get("global_steps"), kwargs.get("index"), *parts)
+
+    def _sampling_params(self, sampling_params: dict, max_tokens: int, seed: int | None) -> dict:
+        params = dict(sampling_params)
+        params["max_tokens"] = max(1, int(max_tokens))
+        if seed is not None:
+            params["seed"] = seed
+        return params
+
+    def _output(self, prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output) -> AgentLoopOutput:
+        extra_fields = {
+            "min_global_steps": token_output.extra_fields.get("min_global_steps"),
+            "max_global_steps": token_output.extra_fields.get("max_global_steps"),
+            "turn_scores": [],
+            "tool_rewards": [],
+            **extra,
+        }
+        if metrics.get("num_preempted") is None:
+            metrics["num_preempted"] = token_output.num_preempted if token_output.num_preempted is not None else -1
+        return AgentLoopOutput(
+            prompt_ids=prompt_ids,
+            response_ids=response_ids[: self.response_length],
+            response_mask=response_mask[: self.response_length],
+            response_logprobs=logprobs[: self.response_length] if logprobs is not None else None,
+            num_turns=2,
+            metrics=metrics,
+            extra_fields=extra_fields,
+        )
+
+    # -- initial rollout ----------------------------------------------------------------------
+
+    async def _run_initial(self, group, role, prompt_ids, sampling_params, kwargs) -> AgentLoopOutput:
+        cfg = self.iib
+        future = group.parents[role.parent_index]
+        # (a failure here is published to this parent's branches by run())
+        request_id = uuid4().hex
+        metrics: dict[str, Any] = {}
+        with simple_timer("generate_sequences", metrics):
+            out = await self.server_manager.generate(
+                request_id=request_id,
+                prompt_ids=prompt_ids,
+                sampling_params=self._sampling_params(
+                    sampling_params, self.response_length, self._request_seed(kwargs, role.parent_index)
+                ),
+                num_topk_logprobs=cfg.entropy.top_k,
+            )
+        if out.stop_reason == "aborted" and not out.token_ids:
+            raise ParentRolloutError(f"initial rollout {role.parent_index} was aborted by the server")
+        response_ids = list(out.token_ids)[: self.response_length]
+        logprobs = list(out.log_probs)[: len(response_ids)] if out.log_probs else None
+        topk = out.extra_fields.get(TOPK_LOGPROBS_FIELD)
+        if topk is None:
+            raise RuntimeError(
+                f"the rollout server returned no '{TOPK_LOGPROBS_FIELD}': {AGENT_NAME} needs "
+                "actor_rollout_ref.rollout.name=iib_lpo_vllm (verl_patches.rollout_server)"
+            )
+        entropies = entropies_from_topk(topk, self.vocab_size)[: len(response_ids)]
+        if entropies.shape[0] != len(response_ids):
+            raise RuntimeError(f"{entropies.shape[0]} entropies for {len(response_ids)} response tokens")
+        fork_seed = derived_seed(self.rollout_config.seed, kwargs.get("global_steps"), kwargs.get("index"),
+                                 "fork", role.parent_index)
+        decision = choose_fork_position(
+            entropies, cfg.branching, seed=fork_seed if cfg.branching.strategy == "uniform" else None
+        )
+        if decision.reason != FORK_OK:
+            logger.info("parent %d of %s not forked: %s (%d tokens)", role.parent_index, kwargs["uid"],
+                        decision.reason, len(response_ids))
+        result = ParentResult(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            response_ids=response_ids,
+            response_logprobs=logprobs,
+            entropies=entropies,
+            decision=decision,
+            min_global_steps=out.extra_fields.get("min_global_steps"),
+            max_global_steps=out.extra_fields.get("max_global_steps"),
+        )
+        if future.done():  # evicted from the registry meanwhile: nobody is waiting
+            logger.warning("parent %d of %s finished after its group was dropped", role.parent_index, kwargs["uid"])
+        else:
+            future.set_result(result)
+        extra = {
+            "iib_role": ROLE_INITIAL,
+            "iib_parent_index": role.parent_index,
+            "iib_branch_index": -1,
+            "iib_fork_position": decision.position if decision.position is not None else -1,
+            "iib_fork_entropy": decision.entropy if decision.entropy is not None else math.nan,
+            "iib_fork_reason": decision.reason if cfg.num_branches > 0 else FORK_REASON_NO_BRANCHES,
+            "iib_alpha": 0.0,
+            "iib_latent_norm": math.nan,
+            "iib_latent_status": LATENT_NO_FORK,
+            "iib_prefix_length": 0,
+            "iib_generated_length": len(response_ids),
+            "iib_num_cached_tokens": out.extra_fields.get("num_cached_tokens"),
+            "iib_mean_entropy": float(entropies.mean()) if entropies.numel() else math.nan,
+        }
+        return self._output(prompt_ids, response_ids, [1] * len(response_ids), logprobs, metrics, extra, out)
+
+    # -- branch -------------------------------------------------------------------------------
+
+    async def _latents_for_parent(self, group, parent_index: int, parent: ParentResult, alpha: float, kwargs):
+        """The K latents of one fork point: requested once (by the first branch that needs them)."""
+        task = group.latents.get(parent_index)
+        if task is None:
+            prefix_text = self.tokenizer.decode(parent.response_ids[: parent.decision.position], skip_special_tokens=True)
+            question = _question_text(kwargs)
+            from recipe.iib_lpo.latent_sampler import build_condition_text
+
+            condition = build_condition_text(question, prefix_text)
+            client = get_latent_service_client(self.iib.service, sampler_factory=type(self).sampler_factory)
+            seed = derived_seed(self.rollout_config.seed, kwargs.get("global_steps"), kwargs.get("index"),
+                                "latent", parent_index)
+            task = asyncio.ensure_future(client.sample(condition, self.iib.num_branches, alpha, seed))
+            group.latents[parent_index] = task
+        return await asyncio.shield(task)
+
+    async def _run_branch(self, group, role, prompt_ids, sampling_params, kwargs) -> AgentLoopOutput:
+        cfg = self.iib
+        try:
+            parent: ParentResult = await asyncio.wait_for(
+                asyncio.shield(group.parents[role.parent_index]), timeout=cfg.parent_wait_timeout_s
+            )
+        except asyncio.TimeoutError:
+            raise ParentRolloutError(
+                f"branch {role.branch_index} of prompt {kwargs['uid']}: parent {role.parent_index} did not finish "
+                f"within iib_lpo.agent_loop.parent_wait_timeout_s={cfg.parent_wait_timeout_s}"
+            ) from None
+        decision = parent.decision
+        metrics: dict[str, Any] = {}
+        alpha, latent_norm, image_data = 0.0, math.nan, None
+        latent_status = LATENT_NO_FORK
+        if not decision.should_fork:
+            # Too short to fork: a plain resample from the prompt, flagged.
+            fork_position, engine_prompt = 0, list(prompt_ids)
+        else:
+            fork_position = decision.position
+            engine_prompt = list(prompt_ids) + list(parent.response_ids[:fork_position])
+            alpha = cfg.alpha_at(kwargs.get("global_steps"))
+            latent_status = LATENT_DISABLED
+            if latent_token_enabled(alpha) and int(cfg.placeholder_token_id) in engine_prompt:
+                # The placeholder marks the latent's position, so it cannot also occur as text
+                # (only possible when it is an in-vocabulary token the policy can emit).
+                logger.warning("branch %d/%d of %s: placeholder id in prompt/prefix, forking without latent",
+                               role.parent_index, role.branch_index, kwargs["uid"])
+                alpha, latent_status = 0.0, LATENT_PLACEHOLDER_IN_CONTEXT
+            if latent_token_enabled(alpha):
+                latent_status = LATENT_INJECTED
+                with simple_timer("latent_sampling", metrics):
+                    draw = await self._latents_for_parent(group, role.parent_index, parent, alpha, kwargs)
+                from verl_patches.vllm_latent import LATENT_MODALITY, build_latent_prompt
+
+                latent = draw.embeddings[role.branch_index]
+                request = build_latent_prompt(engine_prompt, latent, int(cfg.placeholder_token_id))
+                engine_prompt = request["prompt_token_ids"]
+                image_data = request["multi_modal_data"][LATENT_MODALITY]
+                latent_norm = float(draw.embedding_norms[role.branch_index])
+        max_tokens = self.response_length - fork_position
+        with simple_timer("generate_sequences", metrics):
+            out = await self.server_manager.generate(
+                # The parent's request id: verl's sticky router sends the branch to the parent's
+                # replica, whose prefix cache holds prompt + r[:t*].
+                request_id=parent.request_id,
+                prompt_ids=engine_prompt,
+                sampling_params=self._sampling_params(
+                    sampling_params, max_tokens, self._request_seed(kwargs, role.parent_index, role.branch_index)
+                ),
+                image_data=image_data,
+            )
+        if out.stop_reason == "aborted" and not out.token_ids:
+            raise RuntimeError(f"branch {role.branch_index} of parent {role.parent_index} was aborted by the server")
+        continuation = list(out.token_ids)[:max_tokens]
+        cont_logprobs = list(out.log_probs)[: len(continuation)] if out.log_probs else None
+        if decision.should_fork:
+            response_ids, response_mask, logprobs = assemble_branch_trajectory(
+                parent.response_ids, parent.response_logprobs, fork_position, continuation, cont_logprobs,
+                self.response_length,
+            )
+        else:
+            response_ids, response_mask, logprobs = continuation, [1] * len(continuation), cont_logprobs
+        extra = {
+            "iib_role": ROLE_BRANCH,
+            "iib_parent_index": role.parent_index,
+            "iib_branch_index": role.branch_index,
+            "iib_fork_position": fork_position if decision.should_fork else -1,
+            "iib_fork_entropy": decision.entropy if decision.entropy is not None else math.nan,
+            "iib_fork_reason": decision.reason,
+            "iib_alpha": alpha,
+            "iib_latent_norm": latent_norm,
+            "iib_latent_status": latent_status,
+            "iib_prefix_length": fork_position,
+            "iib_generated_length": len(continuation),
+            "iib_num_cached_tokens": out.extra_fields.get("num_cached_tokens"),
+            "iib_mean_entropy": math.nan,
+        }
+        output = self._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, out)
+        if decision.should_fork:
+            # The prefix was generated with the parent's weights version.
+            steps = [s for s in (parent.min_global_steps, out.extra_fields.get("min_global_steps")) if s is not None]
+            output.extra_fields["min_global_steps"] = min(steps) if steps else None
+        return output
+
+
+def _question_text(kwargs: dict) -> str:
+    """The raw problem text for the CVAE condition: extra_info.question (data_prep), else the
+    last user message of the prompt."""
+    extra_info = kwargs.get("extra_info") or {}
+    question = extra_info.get("question") if isinstance(extra_info, dict) else None
+    if isinstance(question, str) and question.strip():
+        return question
+    for message in reversed(list(kwargs.get("raw_prompt") or [])):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    raise ValueError("cannot build the latent condition: no extra_info.question and no user message in raw_prompt")
+
+
+# ----------------------------------------------------------------------------------------------
+# Manager: validation prompts go to a plain agent loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _make_manager_class():
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ
+
+    class IibLpoAgentLoopManagerTQ(AgentLoopManagerTQ):
+        """verl's AgentLoopManagerTQ that (1) checks rollout.n against the branching layout at
+        start-up and (2) routes validation batches to ``iib_lpo.agent_loop.validation_agent_loop``
+        (validation groups have ``val_kwargs.n`` sessions and must not be branched).
+
+        Select with ``actor_rollout_ref.rollout.agent.agent_loop_manager_class=
+        recipe.iib_lpo.agent_loop.IibLpoAgentLoopManagerTQ``.
+        """
+
+        def __init__(self, config, *args, **kwargs):
+            self.iib = BranchingRolloutConfig.from_trainer_config(config)
+            check_group_layout(int(config.actor_rollout_ref.rollout.n), self.iib.num_initial, self.iib.num_branches)
+            super().__init__(config, *args, **kwargs)
+
+        def generate_sequences(self, prompts):
+            from tensordict import NonTensorData
+
+            if "validate" in prompts.keys() and bool(prompts["validate"]) and "agent_name" not in prompts.keys():
+                prompts["agent_name"] = NonTensorData(self.iib.validation_agent_loop)
+            return super().generate_sequences(prompts)
+
+    IibLpoAgentLoopManagerTQ.__module__ = __name__
+    IibLpoAgentLoopManagerTQ.__qualname__ = "IibLpoAgentLoopManagerTQ"
+    return IibLpoAgentLoopManagerTQ
+
+
+def __getattr__(name: str) -> Any:
+    # Defined lazily: importing verl's V1 TransferQueue module needs the transfer_queue package,
+    # which tier-0 users of this module (and the V0 rollout path) do not.
+    if name == "IibLpoAgentLoopManagerTQ":
+        cls = _make_manager_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
