@@ -87,21 +87,25 @@ def test_sampler_failure_reaches_every_waiter_and_service_recovers():
     assert float(again.embeddings[0, 0]) == 7.0
 
 
-def test_same_batch_same_seeds_gives_same_generator_seed():
+def test_each_request_gets_its_own_seeded_generator_whatever_the_batch():
+    """A request's generator depends on its own seed only: batch composition and order (which
+    depend on timing) cannot change its draws."""
     seen = []
 
     class SeedSampler(CountingSampler):
         def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None):
-            seen.append(generator.initial_seed())
+            seen.append({t: g.initial_seed() for t, g in zip(texts, generator)})
             return super().sample_latent_embeddings(texts, num_samples, alpha)
 
-    async def go(order):
-        service = BatchingLatentService(lambda: SeedSampler(), max_wait_ms=20)
-        return await asyncio.gather(*[service.sample(f"q {i}", 1, 1.0, seed=i) for i in order])
+    async def go(order, max_batch_size):
+        service = BatchingLatentService(lambda: SeedSampler(), max_wait_ms=20, max_batch_size=max_batch_size)
+        return await asyncio.gather(*[service.sample(f"q {i}", 1, 1.0, seed=100 + i) for i in order])
 
-    first = asyncio.run(go([0, 1, 2]))
-    second = asyncio.run(go([2, 0, 1]))
-    assert seen[0] == seen[1]
+    first = asyncio.run(go([0, 1, 2], max_batch_size=8))
+    second = asyncio.run(go([2, 0, 1], max_batch_size=1))
+    assert seen[0] == {"q 0": 100, "q 1": 101, "q 2": 102}
+    assert {t: s for call in seen[1:] for t, s in call.items()} == seen[0]
+    assert [len(call) for call in seen[1:]] == [1, 1, 1]
     assert [float(d.embeddings[0, 0]) for d in first] == [0.0, 1.0, 2.0]
     assert [float(d.embeddings[0, 0]) for d in second] == [2.0, 0.0, 1.0]
 

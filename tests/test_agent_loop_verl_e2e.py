@@ -278,7 +278,6 @@ def test_tier1_real_latent_sampler_in_ray_actor(cluster, tokenizer, hf_model, cv
     locally from the same checkpoint, condition text and seed."""
     from recipe.iib_lpo import agent_loop as al
     from recipe.iib_lpo.latent_sampler import LatentSampler, build_condition_text
-    from recipe.iib_lpo.latent_service import batch_generator_seed
 
     config, manager = cluster
     iib = _iib_config()
@@ -291,8 +290,8 @@ def test_tier1_real_latent_sampler_in_ray_actor(cluster, tokenizer, hf_model, cv
         parent, t = outputs[i], outputs[i].extra_fields["iib_fork_position"]
         condition = build_condition_text(f"0: {QUESTION}", tokenizer.decode(parent.response_ids[:t], skip_special_tokens=True))
         seed = al.derived_seed(config.actor_rollout_ref.rollout.seed, 1, 0, "latent", i)
-        generator = torch.Generator().manual_seed(batch_generator_seed([seed]))
-        latents = local.sample_latent_embeddings([condition], K, 1.0, generator=generator).embeddings[0]
+        generator = torch.Generator().manual_seed(seed)
+        latents = local.sample_latent_embeddings([condition], K, 1.0, generator=[generator]).embeddings[0]
         for k in range(K):
             branch = outputs[M + i * K + k]
             assert math.isclose(branch.extra_fields["iib_latent_norm"], float(latents[k].norm()), rel_tol=1e-4)

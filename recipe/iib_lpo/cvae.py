@@ -22,6 +22,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -99,10 +100,25 @@ def gaussian_kl(
 
 
 def reparameterize(
-    mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """z = mu + sigma * eps, eps ~ N(0, I); differentiable in mu and logvar."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    """z = mu + sigma * eps, eps ~ N(0, I); differentiable in mu and logvar.
+
+    ``generator`` may be one generator for the whole batch, or one per row of ``mu`` (dim 0):
+    then row i's noise depends only on generator i, so a request's draws do not depend on which
+    other requests share its batch (the latent service batches by timing).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    else:
+        generators = list(generator)
+        if len(generators) != mu.shape[0]:
+            raise ValueError(f"{len(generators)} generators for a batch of {mu.shape[0]} rows")
+        eps = torch.stack(
+            [torch.randn(mu.shape[1:], generator=g, device=mu.device, dtype=mu.dtype) for g in generators]
+        ) if generators else torch.empty(mu.shape, device=mu.device, dtype=mu.dtype)
     return mu + torch.exp(0.5 * logvar) * eps
 
 
@@ -173,9 +189,14 @@ class LatentCVAE(nn.Module):
         return self.decoder(torch.cat([e_x, z], dim=-1))
 
     def sample_prior(
-        self, e_x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+        self,
+        e_x: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """num_samples draws from p_psi(z | e_x) per row: [B, num_samples, latent_dim]."""
+        """num_samples draws from p_psi(z | e_x) per row: [B, num_samples, latent_dim].
+
+        ``generator``: one for the batch, or one per row (see ``reparameterize``)."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         mu, logvar = self.prior_params(e_x)

@@ -118,7 +118,9 @@ class LatentSampler:
 
         Returns None when alpha == 0: "no latent token" (plain resampling from the fork), and the
         encoder is not run at all. ``generator`` (on the CVAE's device) makes the draws
-        reproducible. One encoder call covers all N conditions.
+        reproducible: one generator for the call, or one per condition text, which makes each
+        condition's draws independent of the rest of the batch. One encoder call covers all N
+        conditions.
         """
         alpha = float(alpha)
         if not math.isfinite(alpha) or alpha < 0:

@@ -16,17 +16,15 @@ Backends (``iib_lpo.latent.service.backend``):
 - ``in_process`` (tests, CPU demo): the same batching service inside the agent-loop worker's
   event loop (shared by all sessions of that worker process).
 
-Determinism: draws use one torch.Generator per sampler call, seeded from the sorted seeds of
-the requests in the batch (requests are also ordered by seed), so a batch with the same
-requests gives the same latents. Different batch compositions (timing) give different draws;
-set ``max_batch_size=1`` for per-request reproducibility. ``LatentSampler`` takes one
-generator per call; per-request generators would make draws batch-independent.
+Determinism: each request with a seed gets its own torch.Generator (the sampler draws each
+condition's noise from its own generator), so a request's latents depend only on its condition
+text and seed, not on which other requests shared its batch (batches form by timing). Requests
+without a seed are drawn from the global RNG.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
@@ -118,14 +116,6 @@ class _Pending:
     future: asyncio.Future
 
 
-def batch_generator_seed(seeds: list[int | None]) -> int | None:
-    """Seed of the generator for one sampler call: from the sorted request seeds (None if any is None)."""
-    if any(s is None for s in seeds):
-        return None
-    digest = hashlib.sha256(",".join(str(int(s)) for s in sorted(seeds)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class BatchingLatentService:
     """Collects ``sample`` requests and serves each batch with one sampler call.
 
@@ -193,10 +183,9 @@ class BatchingLatentService:
         for request in batch:
             groups.setdefault((request.num_samples, request.alpha), []).append(request)
         for (num_samples, alpha), requests in groups.items():
-            requests.sort(key=lambda r: (r.seed is None, r.seed if r.seed is not None else 0, r.condition_text))
             try:
                 draws = await self._call_sampler([r.condition_text for r in requests], num_samples, alpha,
-                                                 batch_generator_seed([r.seed for r in requests]))
+                                                 [r.seed for r in requests])
             except BaseException as err:  # noqa: BLE001 - every waiter must be released
                 for request in requests:
                     if not request.future.done():
@@ -208,21 +197,35 @@ class BatchingLatentService:
                 if not request.future.done():
                     request.future.set_result(draw)
 
-    async def _call_sampler(self, texts: list[str], num_samples: int, alpha: float, seed: int | None) -> list[LatentDraw]:
+    async def _call_sampler(
+        self, texts: list[str], num_samples: int, alpha: float, seeds: list[int | None]
+    ) -> list[LatentDraw]:
         async with self._call_lock:
             loop = asyncio.get_running_loop()
             start = time.perf_counter()
-            result = await loop.run_in_executor(None, self._sample_blocking, texts, num_samples, alpha, seed)
+            result = await loop.run_in_executor(None, self._sample_blocking, texts, num_samples, alpha, seeds)
             self.sampler_seconds += time.perf_counter() - start
             self.num_sampler_calls += 1
             self.batch_sizes.append(len(texts))
             return result
 
-    def _sample_blocking(self, texts: list[str], num_samples: int, alpha: float, seed: int | None) -> list[LatentDraw]:
+    def _sample_blocking(
+        self, texts: list[str], num_samples: int, alpha: float, seeds: list[int | None]
+    ) -> list[LatentDraw]:
         if self._sampler is None:
             self._sampler = self._sampler_factory()
         device = getattr(self._sampler, "device", torch.device("cpu"))
-        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        generator = None
+        if any(seed is not None for seed in seeds):
+            # One generator per request; an unseeded request in a mixed batch gets a fresh random one.
+            generator = []
+            for seed in seeds:
+                request_generator = torch.Generator(device=device)
+                if seed is None:
+                    request_generator.seed()
+                else:
+                    request_generator.manual_seed(int(seed))
+                generator.append(request_generator)
         samples = self._sampler.sample_latent_embeddings(texts, num_samples, alpha, generator=generator)
         if samples is None:
             raise RuntimeError(f"the latent sampler returned no latents for alpha={alpha} > 0")
