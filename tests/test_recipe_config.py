@@ -79,3 +79,12 @@ def test_the_yaml_fails_loudly_without_a_placeholder_for_cvae_latents():
     config = OmegaConf.merge(OmegaConf.load(YAML_PATH), {"trainer": {"total_training_steps": 10}})
     with pytest.raises(ValueError, match="placeholder_token_id"):
         BranchingRolloutConfig.from_trainer_config(config)
+
+
+def test_unimplemented_iterative_rounds_are_refused_not_ignored():
+    config = OmegaConf.merge(
+        OmegaConf.load(YAML_PATH),
+        {"iib_lpo": {"ib": {"rounds": 2}, "latent": {"placeholder_token_id": 3}}, "trainer": {"total_training_steps": 10}},
+    )
+    with pytest.raises(ValueError, match="rounds=2"):
+        BranchingRolloutConfig.from_trainer_config(config)

@@ -226,6 +226,13 @@ class BranchingRolloutConfig:
         agent = dict(raw.get("agent_loop") or {})
         entropy = dict(raw.get("entropy") or {})
         entropy.setdefault("source", "topk")
+        rounds = int(dict(raw.get("ib") or {}).get("rounds", 1))
+        if rounds != 1:
+            # ib.best_branch_per_fork_source supports the data side of iterative rounds, but the
+            # rollout forks once per parent; refuse rather than silently run one round.
+            raise ValueError(
+                f"iib_lpo.ib.rounds={rounds}: the branching rollout implements one forking round (rounds=1) only"
+            )
         total_steps = latent.get("total_steps")
         if total_steps is None:
             total_steps = config.get("trainer", {}).get("total_training_steps", None)
