@@ -48,8 +48,9 @@ class RecordingSampler:
         from recipe.iib_lpo.latent_sampler import LatentSamples
 
         self.calls += 1
-        gen = generator or torch.Generator().manual_seed(0)
-        emb = alpha * torch.randn(len(texts), num_samples, HIDDEN, generator=gen)
+        # the service passes one generator per request (draws independent of batching)
+        generators = list(generator) if generator is not None else [torch.Generator().manual_seed(0)] * len(texts)
+        emb = alpha * torch.stack([torch.randn(num_samples, HIDDEN, generator=g) for g in generators])
         for text, row in zip(texts, emb):
             self.by_text[text] = row.clone()
         z = torch.ones(len(texts), num_samples, 4)

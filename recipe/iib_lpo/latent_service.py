@@ -120,8 +120,9 @@ class BatchingLatentService:
     """Collects ``sample`` requests and serves each batch with one sampler call.
 
     ``sampler_factory`` builds the ``LatentSampler`` (or anything with the same
-    ``sample_latent_embeddings(texts, num_samples, alpha, generator=None)``) lazily, on the first
-    batch, inside the executor thread. Sampler calls run in a worker thread so the event loop
+    ``sample_latent_embeddings(texts, num_samples, alpha, generator=None)``, where ``generator`` is
+    None or a list with one generator per text) lazily, on the first batch, inside the executor
+    thread. Sampler calls run in a worker thread so the event loop
     keeps collecting requests (and serving generation) meanwhile; calls are serialised.
     """
 
