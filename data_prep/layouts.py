@@ -11,6 +11,7 @@ several answers) raises `OutOfScopeError`. The caller counts both; nothing is dr
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,8 +121,8 @@ def parse_level(value) -> int | None:
         return None
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
+    if isinstance(value, numbers.Integral):  # int, numpy ints (parquet columns)
+        return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     match = re.fullmatch(r"\s*(?:level\s*)?(\d+)\s*", str(value), flags=re.IGNORECASE)

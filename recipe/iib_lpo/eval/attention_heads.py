@@ -26,12 +26,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from data_prep.layouts import parse_level  # one definition of MATH levels
 
 logger = logging.getLogger(__name__)
 
@@ -194,16 +195,6 @@ def load_top_heads(path: str | Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- model side
-
-
-def parse_level(level) -> int | None:
-    """MATH difficulty level as an int ("Level 3" -> 3, 3 -> 3); None if absent or unparseable."""
-    if level is None:
-        return None
-    if isinstance(level, (int, np.integer)) and not isinstance(level, bool):
-        return int(level)
-    match = re.fullmatch(r"\s*(?:level\s*)?(\d+)\s*", str(level), flags=re.IGNORECASE)
-    return int(match.group(1)) if match else None
 
 
 def question_token_mask(tokenizer, messages: list[dict], question: str) -> tuple[list[int], torch.Tensor]:
