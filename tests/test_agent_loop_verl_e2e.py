@@ -138,15 +138,12 @@ def tokenizer(tiny_qwen2_dir):
 def _reference_logprobs(model, context_ids, continuation_ids, latent, banned=(PLACEHOLDER,)):
     """latent_reference's scoring with the server's sampling mask: the placeholder is banned
     (prob 0, the rest renormalised). With ``banned=()`` this is ``score_continuation``."""
-    from recipe.iib_lpo.latent_reference import build_input_embeddings
+    from recipe.iib_lpo.latent_reference import continuation_logits
 
     with torch.no_grad():
-        embeds, prefix_len = build_input_embeddings(model, context_ids, continuation_ids, latent)
-        positions = torch.arange(embeds.shape[0]).unsqueeze(0)
-        logits = model(inputs_embeds=embeds.unsqueeze(0), position_ids=positions, use_cache=False).logits[0].float()
+        logits = continuation_logits(model, context_ids, continuation_ids, latent)
     logits[:, list(banned)] = float("-inf")
-    n = len(continuation_ids)
-    log_probs = torch.log_softmax(logits[prefix_len - 1 : prefix_len - 1 + n], dim=-1)
+    log_probs = torch.log_softmax(logits, dim=-1)
     return log_probs.gather(-1, torch.tensor(continuation_ids)[:, None]).squeeze(-1)
 
 

@@ -56,6 +56,8 @@ import contextvars
 import logging
 from typing import Any
 
+from verl_patches.vllm_latent.spec import SAMPLING_LOGPROBS_MODE
+
 logger = logging.getLogger(__name__)
 
 ROLLOUT_NAME = "iib_lpo_vllm"
@@ -67,7 +69,6 @@ CUSTOM_CONFIG_KEY = "iib_lpo"
 TOPK_LOGPROBS_FIELD = "topk_logprobs"
 """``TokenOutput.extra_fields`` key of the ``[num_generated_tokens, k]`` top-k log-probs."""
 
-SAMPLING_LOGPROBS_MODE = "processed_logprobs"
 DEFAULT_MAX_TOPK_LOGPROBS = 20
 
 _LAZY_CLASSES = ("IibLpoVLLMHttpServer", "IibLpoVLLMReplica")

@@ -108,6 +108,25 @@ def build_input_embeddings(
 # --------------------------------------------------------------------------------------------
 
 
+def continuation_logits(
+    model: nn.Module,
+    context_ids: Sequence[int],
+    continuation_ids: Sequence[int],
+    latent_embedding: torch.Tensor | None,
+) -> torch.Tensor:
+    """Logits float32 [len(continuation), V] predicting each continuation token given context,
+    [latent] and the earlier continuation tokens. One full forward pass (no KV cache)."""
+    embeds, prefix_len = build_input_embeddings(model, context_ids, continuation_ids, latent_embedding)
+    n_cont = embeds.shape[0] - prefix_len
+    if n_cont == 0:
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        return torch.empty(0, vocab_size, dtype=torch.float32, device=embeds.device)
+    position_ids = torch.arange(embeds.shape[0], device=embeds.device).unsqueeze(0)
+    logits = model(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids, use_cache=False).logits[0]
+    # logits at position p predict the token at p + 1
+    return logits[prefix_len - 1 : prefix_len - 1 + n_cont].to(torch.float32)
+
+
 def score_continuation(
     model: nn.Module,
     context_ids: Sequence[int],
@@ -119,17 +138,9 @@ def score_continuation(
     One full forward pass (no KV cache): this is also the "no-cache recomputation" against which
     cached generation is checked.
     """
-    embeds, prefix_len = build_input_embeddings(model, context_ids, continuation_ids, latent_embedding)
-    n_cont = embeds.shape[0] - prefix_len
-    device = embeds.device
-    if n_cont == 0:
-        return torch.empty(0, dtype=torch.float32, device=device)
-    position_ids = torch.arange(embeds.shape[0], device=device).unsqueeze(0)
-    logits = model(inputs_embeds=embeds.unsqueeze(0), position_ids=position_ids, use_cache=False).logits[0]
-    # logits at position p predict the token at p + 1
-    predicting = logits[prefix_len - 1 : prefix_len - 1 + n_cont].to(torch.float32)
-    targets = _as_id_tensor(continuation_ids, device, "continuation_ids")
-    return torch.log_softmax(predicting, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    logits = continuation_logits(model, context_ids, continuation_ids, latent_embedding)
+    targets = _as_id_tensor(continuation_ids, logits.device, "continuation_ids")
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def score_continuations_batched(

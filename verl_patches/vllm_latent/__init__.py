@@ -36,6 +36,7 @@ from verl_patches.vllm_latent.spec import (
     LATENT_MODALITY,
     MODEL_MODULE,
     PLACEHOLDER_CONFIG_KEY,
+    SAMPLING_LOGPROBS_MODE,
 )
 
 __all__ = [
@@ -50,12 +51,6 @@ __all__ = [
     "topk_logprobs_tensor",
 ]
 
-# vLLM returns the log-probs of the distribution it samples from (after temperature, and after
-# top-k/top-p masking when those are set) only in this mode; the default "raw_logprobs" is the
-# temperature-1 distribution. verl 0.9.1's rollout config defaults to the same value.
-SAMPLING_LOGPROBS_MODE = "processed_logprobs"
-
-
 def register() -> None:
     """Register the latent-token architectures with vLLM (``vllm.general_plugins`` entry point).
 
@@ -66,6 +61,11 @@ def register() -> None:
 
     for latent_arch in LATENT_ARCHITECTURES.values():
         ModelRegistry.register_model(latent_arch, f"{MODEL_MODULE}:{latent_arch}")
+
+
+def _check_placeholder_token_id(placeholder_token_id: Any) -> None:
+    if not isinstance(placeholder_token_id, int) or isinstance(placeholder_token_id, bool) or placeholder_token_id < 0:
+        raise ValueError(f"placeholder_token_id must be a non-negative int, got {placeholder_token_id!r}")
 
 
 def latent_architecture_for(hf_architecture: str) -> str:
@@ -90,8 +90,7 @@ def latent_engine_kwargs(model_hf_architecture: str, placeholder_token_id: int) 
     args, so this ``hf_overrides`` replaces verl's (which only carries quantization overrides):
     merge them if you quantize the rollout.
     """
-    if not isinstance(placeholder_token_id, int) or isinstance(placeholder_token_id, bool) or placeholder_token_id < 0:
-        raise ValueError(f"placeholder_token_id must be a non-negative int, got {placeholder_token_id!r}")
+    _check_placeholder_token_id(placeholder_token_id)
     return {
         "hf_overrides": {
             "architectures": [latent_architecture_for(model_hf_architecture)],
@@ -141,8 +140,7 @@ def build_latent_prompt(
     Never add ``multi_modal_uuids`` to the result: a caller-given id replaces the latent's content
     hash in the prefix-cache key, and a reused id would serve another latent's KV cache.
     """
-    if not isinstance(placeholder_token_id, int) or isinstance(placeholder_token_id, bool) or placeholder_token_id < 0:
-        raise ValueError(f"placeholder_token_id must be a non-negative int, got {placeholder_token_id!r}")
+    _check_placeholder_token_id(placeholder_token_id)
     token_ids = [int(t) for t in prompt_token_ids]
     if not token_ids:
         raise ValueError("prompt_token_ids is empty: a latent needs a prompt to follow")

@@ -21,3 +21,8 @@ LATENT_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "Qwen2LatentForCausalLM",
     "Qwen3ForCausalLM": "Qwen3LatentForCausalLM",
 }
+
+# vLLM returns the log-probs of the distribution it samples from (after temperature, and after
+# top-k/top-p masking when those are set) only in this mode; the default "raw_logprobs" is the
+# temperature-1 distribution. verl 0.9.1's rollout config defaults to the same value.
+SAMPLING_LOGPROBS_MODE = "processed_logprobs"

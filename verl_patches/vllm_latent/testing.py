@@ -99,10 +99,7 @@ def reference_logits(
     continuation_ids: Sequence[int],
     latent_embedding: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Full logits [len(continuation), V] predicting each continuation token (transformers, no cache)."""
-    from recipe.iib_lpo.latent_reference import build_input_embeddings
+    """Full logits [len(continuation), V] predicting each continuation token (the reference, no grad)."""
+    from recipe.iib_lpo.latent_reference import continuation_logits
 
-    embeds, prefix_len = build_input_embeddings(model, context_ids, continuation_ids, latent_embedding)
-    positions = torch.arange(embeds.shape[0]).unsqueeze(0)
-    logits = model(inputs_embeds=embeds.unsqueeze(0), position_ids=positions, use_cache=False).logits[0]
-    return logits[prefix_len - 1 : prefix_len - 1 + len(continuation_ids)].float()
+    return continuation_logits(model, context_ids, continuation_ids, latent_embedding)
