@@ -12,6 +12,7 @@ from recipe.iib_lpo.ib import (
     IBInputs,
     best_branch_per_fork_source,
     echo_fraction,
+    filler_fraction,
     get_ib_estimator,
     ib_score_bounds,
     list_ib_estimators,
@@ -53,15 +54,41 @@ def test_tokenizer_and_statistics_closed_form():
     assert echo_fraction("x y".split(), "a b c".split()) == 0.0
 
 
+def test_filler_fraction_closed_form():
+    q = "A shop has 12 pens and sells 5. How many are left?"
+    # "So 12 - 5 = 7 pens." (8 word tokens, math) and "I am sure." (4 word tokens, filler)
+    assert filler_fraction(q, "So 12 - 5 = 7 pens. I am sure.") == pytest.approx(4 / 12)
+    assert filler_fraction(q, "") == 0.0 and filler_fraction(q, "  \n ") == 0.0
+    assert filler_fraction(q, "Hmm, well, let me think.") == 1.0
+    # restating the given numbers is filler; a new number, a variable or LaTeX is not
+    assert filler_fraction(q, "The shop has 12 pens.") == 1.0
+    assert filler_fraction(q, "Then 7 remain.") == 0.0
+    assert filler_fraction(q, "Let n be the rest.") == 0.0
+    assert filler_fraction(q, "So \\boxed{seven}.") == 0.0
+    # hyphens, bullets, markdown emphasis, "a", "I", "e.g." and "it's" are not math
+    for text in ["A step-by-step plan, e.g. careful work.", "- First, it's easy.", "**Answer** comes now.",
+                 "I think a check helps, i.e. we verify."]:
+        assert filler_fraction(q, text) == 1.0, text
+    # operators between operands are
+    for text in ["So 12 - 5 is what we need.", "Compute 12*5 first.", "Note x - y here."]:
+        assert filler_fraction(q, text) == 0.0, text
+    # word-weighted over sentences split at . ! ? + space and at line breaks
+    assert filler_fraction(q, "Okay.\nSo 7 remain!") == pytest.approx(2 / 6)
+    with pytest.raises(TypeError):
+        filler_fraction(q, None)
+
+
 def test_ngram_score_closed_form():
-    # response "a b c d a b c d" -> rep4 = 0.2, echo vs question "a b c d" = 2/5 (abcd twice)
+    # response "a b c d a b c d" -> rep4 = 0.2, echo vs question "a b c d" = 2/5 (abcd twice),
+    # filler 0 (single-letter variables b, c, d make the sentence mathematical)
     score = ngram_ib_score("a b c d", "a b c d a b c d", 1.0, 100, 400, beta=1.0, w_rep=0.5, w_echo=0.2, w_len=0.2)
-    # 1.0 - (0.5*0.2 + 0.2*0.4 + 0.2*0.25) = 1.0 - (0.1 + 0.08 + 0.05) = 0.77
+    # 1.0 - (0.5*0.2 + 0.2*0.4 + 0.2*0.25 + 0.1*0) = 1.0 - (0.1 + 0.08 + 0.05) = 0.77
     assert score == pytest.approx(0.77)
-    # length term saturates at 1: 0 - 0.2 * 1
-    assert ngram_ib_score("q", "short", 0.0, 999, 10) == pytest.approx(-0.2)
+    # length term saturates at 1 and "short" is all filler: 0 - (0.2 * 1 + 0.1 * 1)
+    assert ngram_ib_score("q", "short", 0.0, 999, 10) == pytest.approx(-0.3)
+    assert ngram_ib_score("q", "short", 0.0, 999, 10, w_fill=0.0) == pytest.approx(-0.2)
     # numpy scalars (how rewards and lengths often arrive) are accepted
-    assert ngram_ib_score("q", "short", np.float32(0.0), np.int64(999), 10) == pytest.approx(-0.2)
+    assert ngram_ib_score("q", "short", np.float32(0.0), np.int64(999), 10) == pytest.approx(-0.3)
     with pytest.raises(TypeError, match="unknown weight"):
         ngram_ib_score("q", "r", 1.0, 1, 10, gamma=1.0)
     with pytest.raises(ValueError, match=r"reward must be .* in \[0, 1\]"):
@@ -75,8 +102,8 @@ def test_case_study_ordering():
 
     The paper's case study printed reward 0 for its padded response; here the padded response
     reaches the right final answer, so with I_hat(r; a) = r_v it is correct (r_v = 1). It still
-    ranks below the concise one (echoed question, repeated filler, 4x the length) and above
-    the wrong derivation because beta (1.0) exceeds the largest possible penalty (0.9).
+    ranks below the concise one (echoed question, filler sentences, 4x the length) and above
+    the wrong derivation because beta (1.0) exceeds the largest possible penalty (< 1.0).
     """
 
     def n_tok(text):  # ~policy tokens; any monotone proxy works for the ordering
@@ -94,6 +121,41 @@ def test_case_study_ordering():
     assert scores["concise"] > scores["padded"] > scores["wrong"] > scores["loop"], scores
     assert repeated_ngram_fraction(word_tokens(LOOP)) > 0.8
     assert echo_fraction(word_tokens(QUESTION), word_tokens(PADDED)) > 0.05
+    assert filler_fraction(QUESTION, PADDED) > 0.3 and filler_fraction(QUESTION, CONCISE) == 0.0
+
+
+# Reasoning replaced by filler of the same length: hedges and paraphrased restatements, no
+# repeated 4-gram and no 4-gram from the question, so rep4, echo and length cannot tell them apart.
+SAME_LENGTH_CASES = [
+    (
+        QUESTION,
+        "Sold: 3/4 * 24 = 18 muffins. Left: 24 - 18 = 6 muffins. The answer is \\boxed{6}.",
+        "Okay, basically the baker sold most of the batch, and we want what remains, I believe. "
+        "The answer is \\boxed{6}.",
+    ),
+    (
+        "Sam buys some pencils. Twice the number of pencils plus 4 equals 10. How many pencils did Sam buy?",
+        "Let x be the pencil count. Then 2x + 4 = 10, so 2x = 6 and x = 3. The answer is \\boxed{3}.",
+        "Hmm, let me think about this one very carefully now. We need how many Sam bought, so careful indeed. "
+        "The answer is \\boxed{3}.",
+    ),
+]
+
+
+@pytest.mark.parametrize("question,concise,filler", SAME_LENGTH_CASES)
+def test_filler_of_the_same_length_scores_clearly_below_the_derivation(question, concise, filler):
+    c_tok, f_tok = word_tokens(concise), word_tokens(filler)
+    assert len(c_tok) == len(f_tok)  # same length, also in the length term's num_tokens below
+    for tok in (c_tok, f_tok):
+        assert repeated_ngram_fraction(tok) == 0.0 and echo_fraction(word_tokens(question), tok) == 0.0
+    n = len(c_tok)
+    # without the filler term the two are indistinguishable ...
+    old = [ngram_ib_score(question, t, 1.0, n, MAX_TOKENS, w_fill=0.0) for t in (concise, filler)]
+    assert abs(old[0] - old[1]) < 1e-3
+    # ... with the default estimator the derivation wins by a clear margin
+    scores = [score_trajectories([IBInputs(question, t, 1.0, n, MAX_TOKENS)], IBConfig())[0].item()
+              for t in (concise, filler)]
+    assert scores[0] - scores[1] >= 0.05, scores
 
 
 def _random_inputs(rng: random.Random, n: int) -> list[IBInputs]:

@@ -2,7 +2,7 @@
 
 S_IB(r) = beta * I_hat(r; a) - I_hat(q; r): a trajectory should be informative about the answer
 a (first term) while carrying little of the question/prompt "noise" (second term: repetition,
-echoing the question, length). The paper's estimator is not available, so the estimators are
+echoing the question, length, filler). The paper's estimator is not available, so the estimators are
 pluggable (``IBConfig.estimator``) and each returns a bounded float; the bounds are stated per
 estimator and checked in tests/test_core_ib.py.
 
@@ -14,6 +14,14 @@ marks, ``re.findall(r"\\w+|[^\\w\\s]", text.lower())`` -- cheap, model-independe
 deterministic; "3.14" becomes ["3", ".", "14"], LaTeX "\\frac{1}{2}" becomes
 ["\\\\", "frac", "{", "1", "}", "{", "2", "}"]. Lengths for the length term are policy tokens
 (``num_tokens``), not these words, so ``max_tokens`` is the rollout's response budget.
+
+Filler (decision, :func:`filler_fraction`): the share of the response's words that lie in
+sentences carrying no mathematical content of their own. Repetition, echo and length cannot tell
+a concise derivation from one whose reasoning is replaced by hedges and paraphrases of the same
+length (no repeated 4-gram, no 4-gram copied from the question): both score the same. A sentence
+counts as mathematical when it contains an operator or relation symbol, a LaTeX command, a
+single-letter variable, or a number that does not already occur in the question (restating the
+given numbers adds nothing). Bounded in [0, 1], a few regex passes per sentence, deterministic.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ __all__ = [
     "word_tokens",
     "repeated_ngram_fraction",
     "echo_fraction",
+    "filler_fraction",
     "topn_keep_mask",
     "resolve_top_n",
     "best_branch_per_fork_source",
@@ -45,6 +54,21 @@ __all__ = [
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 NGRAM = 4  # METHOD.md: 4-gram repetition and echo
+
+# filler_fraction: sentence ends are . ! ? followed by whitespace (so "3.5" never splits) or a
+# line break; a sentence is "mathematical" when one of the patterns below matches in it.
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+_NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)*")
+_MATH_SYMBOL_RE = re.compile(
+    r"[=+/^<>\\{}|_$%\u00d7\u00f7\u00b1\u2264\u2265\u2260\u2248\u221a\u2211\u220f\u222b\u03c0\u221e]"
+    # "-" and "*" only between operands: "24 - 18", "3*4", "2 * x"; not a hyphen ("step-by-step"),
+    # a bullet ("- First") or markdown emphasis ("**Answer**"). Minus with a variable is caught
+    # by the variable pattern, unary minus by its number.
+    r"|\d\s*[-\u2212]\s*\d|[\w)]\s*\*\s*[\w(]"
+)
+# a single-letter variable: one letter standing alone, except the words "a" and "I" and the
+# pieces of "e.g." / "i.e." / "it's" (a neighbouring word char, apostrophe or "." + letter)
+_VARIABLE_RE = re.compile(r"(?<![\w'\u2019.])(?![aAiI](?![\w'\u2019]))[A-Za-z](?![\w'\u2019]|\.\w)")
 
 
 @dataclass(frozen=True)
@@ -54,9 +78,10 @@ class IBConfig:
     Attributes:
         estimator: registered estimator name; "ngram" (default, text statistics, no extra
             model calls), "entropy", "ibro", "answer_likelihood".
-        beta: weight of I_hat(r; a). Default 1.0, chosen > w_rep + w_echo + w_len (= 0.9) so
-            that with I_hat(r; a) = r_v in {0, 1} every correct trajectory outranks every wrong
-            one: the IB terms only reorder trajectories with the same verifiable reward.
+        beta: weight of I_hat(r; a). Default 1.0, chosen >= w_rep + w_echo + w_len + w_fill
+            (= 1.0; the penalty is strictly below the sum because rep4 < 1) so that with
+            I_hat(r; a) = r_v in {0, 1} every correct trajectory outranks every wrong one: the
+            IB terms only reorder trajectories with the same verifiable reward.
         w_rep: weight of the 4-gram repetition rate (loops, METHOD.md case study). Default 0.5,
             the largest penalty: a repetitive loop is the failure the paper's case study ranks
             last.
@@ -64,6 +89,13 @@ class IBConfig:
             Default 0.2: restating the problem carries no new information about a.
         w_len: weight of min(1, num_tokens / max_tokens). Default 0.2: conciseness
             (IB compression) breaks ties between otherwise equal correct answers.
+        w_fill: weight of :func:`filler_fraction` (share of the response's words in sentences
+            with no math of their own: hedges, paraphrased restatements). Default 0.1: separates
+            a derivation from reasoning replaced by same-length filler (which rep4, echo and
+            length score identically) while keeping beta >= w_rep + w_echo + w_len + w_fill
+            (= 1.0); with rep4 < 1 always (a response has at least one distinct 4-gram) the
+            penalty stays strictly below beta, so every correct trajectory still outranks every
+            wrong one. 0 = the estimator without the filler term.
         w_ent: ("entropy" estimator) weight of min(1, mean token entropy / entropy_ref).
             Default 0.2.
         entropy_ref: ("entropy") mean entropy (nats) at which the information-rate term
@@ -82,6 +114,7 @@ class IBConfig:
     w_rep: float = 0.5
     w_echo: float = 0.2
     w_len: float = 0.2
+    w_fill: float = 0.1
     w_ent: float = 0.2
     entropy_ref: float = 2.0
     ibro_scale: float = 1.0
@@ -89,7 +122,7 @@ class IBConfig:
     rounds: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("beta", "w_rep", "w_echo", "w_len", "w_ent"):
+        for name in ("beta", "w_rep", "w_echo", "w_len", "w_fill", "w_ent"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"IBConfig.{name} must be a finite number >= 0, got {value!r}")
@@ -197,6 +230,37 @@ def echo_fraction(question_tokens: Sequence[str], response_tokens: Sequence[str]
     return sum(g in question_grams for g in grams) / len(grams)
 
 
+def filler_fraction(question: str, response: str) -> float:
+    """Share of the response's words (:func:`word_tokens`) in sentences without math, in [0, 1].
+
+    The response is split into sentences at . ! ? followed by whitespace and at line breaks. A
+    sentence is mathematical when it contains an operator / relation symbol (= + / ^ < > and
+    their Unicode forms; - and * only between operands, so hyphens, bullets and markdown
+    emphasis do not count), a backslash (LaTeX command), braces, $ or %,
+    a single-letter variable (not "a" / "I"), or a number that does not occur in ``question``.
+    Every other sentence (hedges, plans without numbers, restatements of the given data) is
+    filler. Returns (#words in filler sentences) / (#words), 0.0 for a response without words.
+    Word-weighted, so a long filler sentence counts more than a short one.
+    """
+    if not isinstance(question, str) or not isinstance(response, str):
+        raise TypeError("filler_fraction expects str question and response")
+    given = set(_NUMBER_RE.findall(question))
+    total = filler = 0
+    for sentence in _SENTENCE_SPLIT_RE.split(response):
+        n = len(word_tokens(sentence))
+        if n == 0:
+            continue
+        total += n
+        mathematical = (
+            _MATH_SYMBOL_RE.search(sentence) is not None
+            or _VARIABLE_RE.search(sentence) is not None
+            or any(number not in given for number in _NUMBER_RE.findall(sentence))
+        )
+        if not mathematical:
+            filler += n
+    return filler / total if total else 0.0
+
+
 def _check_common(reward: float, num_tokens: int, max_tokens: int) -> None:
     # numbers.Real / Integral also admit numpy scalars (rewards often arrive as np.float32)
     if not (isinstance(reward, numbers.Real) and math.isfinite(reward) and 0.0 <= reward <= 1.0):
@@ -208,13 +272,17 @@ def _check_common(reward: float, num_tokens: int, max_tokens: int) -> None:
 
 
 def _text_compression_term(question: str, response: str, num_tokens: int, max_tokens: int, cfg: IBConfig) -> float:
-    """w_rep * rep4(r) + w_echo * echo(q, r) + w_len * min(1, len / L_max), in [0, w_rep+w_echo+w_len]."""
+    """w_rep * rep4(r) + w_echo * echo(q, r) + w_len * min(1, len / L_max) + w_fill * filler(q, r),
+    in [0, w_rep + w_echo + w_len + w_fill]."""
     r_tokens = word_tokens(response)
-    return (
+    term = (
         cfg.w_rep * repeated_ngram_fraction(r_tokens)
         + cfg.w_echo * echo_fraction(word_tokens(question), r_tokens)
         + cfg.w_len * min(1.0, num_tokens / max_tokens)
     )
+    if cfg.w_fill:
+        term += cfg.w_fill * filler_fraction(question, response)
+    return term
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -222,7 +290,9 @@ def _text_compression_term(question: str, response: str, num_tokens: int, max_to
 
 @register_ib_estimator("ngram")
 def _ngram_estimator(traj: IBInputs, cfg: IBConfig) -> float:
-    """I_hat(r; a) = r_v; I_hat(q; r) = text compression term. Bounds [-(w_rep+w_echo+w_len), beta]."""
+    """I_hat(r; a) = r_v; I_hat(q; r) = text compression term.
+
+    Bounds [-(w_rep+w_echo+w_len+w_fill), beta]."""
     _check_common(traj.reward, traj.num_tokens, traj.max_tokens)
     return cfg.beta * float(traj.reward) - _text_compression_term(
         traj.question, traj.response, traj.num_tokens, traj.max_tokens, cfg
@@ -232,12 +302,14 @@ def _ngram_estimator(traj: IBInputs, cfg: IBConfig) -> float:
 def ngram_ib_score(
     question: str, response: str, reward: float, num_tokens: int, max_tokens: int, **weights: float
 ) -> float:
-    """Default IB score of one trajectory: beta * r_v - (w_rep*rep4 + w_echo*echo + w_len*min(1, n/L)).
+    """Default IB score of one trajectory:
+    beta * r_v - (w_rep*rep4 + w_echo*echo + w_len*min(1, n/L) + w_fill*filler).
 
-    ``weights`` may override ``beta``, ``w_rep``, ``w_echo``, ``w_len`` (IBConfig defaults
-    otherwise); any other keyword raises TypeError. Result in [-(w_rep+w_echo+w_len), beta].
+    ``weights`` may override ``beta``, ``w_rep``, ``w_echo``, ``w_len``, ``w_fill`` (IBConfig
+    defaults otherwise); any other keyword raises TypeError.
+    Result in [-(w_rep+w_echo+w_len+w_fill), beta].
     """
-    allowed = {"beta", "w_rep", "w_echo", "w_len"}
+    allowed = {"beta", "w_rep", "w_echo", "w_len", "w_fill"}
     unknown = set(weights) - allowed
     if unknown:
         raise TypeError(f"ngram_ib_score got unknown weight(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -293,8 +365,9 @@ def _ibro_estimator(traj: IBInputs, cfg: IBConfig) -> float:
 def _answer_likelihood_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     """I_hat(r; a) = exp(answer_logprob / answer_num_tokens) (per-token geometric-mean
     probability of the gold answer after the reasoning, in [0, 1]); I_hat(q; r) = the ngram
-    compression term. Bounds [-(w_rep+w_echo+w_len), beta]. r_v is not used (it is already in
-    the advantage); the log-prob comes from one extra policy forward pass done by the caller.
+    compression term. Bounds [-(w_rep+w_echo+w_len+w_fill), beta]. r_v is not used (it is
+    already in the advantage); the log-prob comes from one extra policy forward pass done by the
+    caller.
     """
     _check_common(traj.reward, traj.num_tokens, traj.max_tokens)
     lp, n = traj.answer_logprob, traj.answer_num_tokens
@@ -314,7 +387,7 @@ def ib_score_bounds(config: IBConfig) -> tuple[float, float]:
     """Closed interval every score of ``config.estimator`` lies in (used by tests and asserts)."""
     name = config.estimator
     if name in ("ngram", "answer_likelihood"):
-        return -(config.w_rep + config.w_echo + config.w_len), config.beta
+        return -(config.w_rep + config.w_echo + config.w_len + config.w_fill), config.beta
     if name == "entropy":
         return -(config.w_ent + config.w_len), config.beta
     if name == "ibro":
