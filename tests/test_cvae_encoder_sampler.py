@@ -5,8 +5,14 @@ import torch
 
 from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE
 from recipe.iib_lpo.latent_reference import latent_token_embedding
-from recipe.iib_lpo.latent_sampler import LatentSampler, build_condition_text
-from recipe.iib_lpo.text_encoder import TextEncoder, build_tiny_encoder_dir, mean_pool
+from recipe.iib_lpo.latent_sampler import LatentSampler, build_condition_text, prior_condition_text
+from recipe.iib_lpo.text_encoder import (
+    CONDITION_SEPARATOR,
+    TextEncoder,
+    build_tiny_encoder_dir,
+    mean_pool,
+    split_condition_text,
+)
 
 TEXTS = [
     "Tom has 3 apples.",
@@ -77,12 +83,75 @@ def test_truncation_side_keeps_the_end_by_default(encoder_dir):
 
 
 def test_build_condition_text():
-    assert build_condition_text("What is 2+3?", "") == "What is 2+3?"
-    assert build_condition_text("What is 2+3?", "First, 2+3") == "What is 2+3?\nFirst, 2+3"
+    sep = CONDITION_SEPARATOR
+    assert build_condition_text("What is 2+3?", "") == "What is 2+3?" + sep
+    assert build_condition_text("What is 2+3?", "First, 2+3") == f"What is 2+3?{sep}First, 2+3"
+    assert split_condition_text(build_condition_text("Q\nline 2", "a\nb")) == ("Q\nline 2", "a\nb")
+    # a separator inside the inputs cannot move the split point
+    assert split_condition_text(build_condition_text(f"Q{sep}x", f"p{sep}y")) == ("Q x", "p y")
+    assert split_condition_text("plain text") is None
     with pytest.raises(ValueError, match="empty question"):
         build_condition_text("  ", "x")
     with pytest.raises(TypeError):
         build_condition_text("q", None)
+
+
+def test_prior_condition_text_per_scheme():
+    condition = build_condition_text("Tom has 3 apples.", "First, 3 + 5")
+    assert prior_condition_text(condition, "question_prefix") == condition
+    assert prior_condition_text(condition, "question") == build_condition_text("Tom has 3 apples.", "")
+    assert prior_condition_text("plain", "question") == "plain"
+    with pytest.raises(ValueError, match="condition_scheme"):
+        prior_condition_text(condition, "prefix")
+
+
+def _bare(encoder, text):
+    return encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_condition_truncation_keeps_the_question_and_the_end_of_the_prefix(encoder_dir):
+    question = "tom has 3 apples and buys 5 more"
+    steps = " ".join(f"then {i} + {i} = {2 * i} ." for i in range(30))  # ~240 tokens, unique numbers
+    encoder = TextEncoder(encoder_dir, max_length=24)
+    q_ids, p_ids = _bare(encoder, question), _bare(encoder, steps)
+    assert len(q_ids) < 22 < len(q_ids) + len(p_ids)
+    (ids,) = encoder.input_ids([build_condition_text(question, steps)])
+    cls, sep = encoder.tokenizer.cls_token_id, encoder.tokenizer.sep_token_id
+    room = 24 - 2 - len(q_ids)
+    assert ids == [cls] + q_ids + p_ids[-room:] + [sep]  # question whole, then the prefix's last tokens
+    kept = encoder.tokenizer.decode(ids, skip_special_tokens=True)
+    assert kept.startswith(question) and "then 29 + 29" in kept  # the step nearest the fork
+    assert "then 0 + 0" not in kept and "then 27 +" not in kept  # the prefix's start is what is cut
+    # the question survives: same long prefix, different questions -> different embeddings ...
+    other = "the area of a square is 16"
+    e1, e2 = encoder.encode([build_condition_text(question, steps), build_condition_text(other, steps)])
+    assert (e1 - e2).abs().max() > 1e-3
+    # ... whereas cutting the joined text from the left (the old rule) loses it: identical embeddings
+    plain1, plain2 = encoder.encode([f"{question}\n{steps}", f"{other}\n{steps}"])
+    torch.testing.assert_close(plain1, plain2)
+    # what lies beyond the budget at the prefix's start does not matter; its end does
+    (e3,) = encoder.encode([build_condition_text(question, "a totally different opening . " + steps)])
+    torch.testing.assert_close(e1, e3)
+    (e4,) = encoder.encode([build_condition_text(question, steps + " so the answer is 12")])
+    assert (e1 - e4).abs().max() > 1e-3
+
+
+def test_condition_within_the_limit_and_a_question_over_it(encoder_dir):
+    encoder = TextEncoder(encoder_dir, max_length=64)
+    question, prefix = "let x be the number of pencils", "then 2x + 4 = 10"
+    (ids,) = encoder.input_ids([build_condition_text(question, prefix)])
+    assert ids == [encoder.tokenizer.cls_token_id] + _bare(encoder, question) + _bare(encoder, prefix) + [
+        encoder.tokenizer.sep_token_id
+    ]
+    # plain texts within the limit: exactly the tokenizer's own encoding
+    assert encoder.input_ids(TEXTS) == [encoder.tokenizer(t)["input_ids"] for t in TEXTS]
+    # a question longer than the budget keeps its first tokens and leaves no room for the prefix
+    small = TextEncoder(encoder_dir, max_length=8)
+    long_question = "tom has 3 apples and buys 5 more apples today"
+    (ids,) = small.input_ids([build_condition_text(long_question, prefix)])
+    assert ids == [small.tokenizer.cls_token_id] + _bare(small, long_question)[:6] + [small.tokenizer.sep_token_id]
+    with pytest.raises(ValueError, match="no room"):
+        TextEncoder(encoder_dir, max_length=2)
 
 
 class _CountingEncoder:
@@ -95,12 +164,12 @@ class _CountingEncoder:
         return self.inner.encode(texts)
 
 
-def _sampler(encoder):
+def _sampler(encoder, condition_scheme="question_prefix"):
     torch.manual_seed(0)
     cvae = LatentCVAE(CVAEConfig(embed_dim=32, latent_dim=6, hidden_width=16, policy_hidden_size=64,
                                  projector_hidden_width=16))
     counting = _CountingEncoder(encoder)
-    return LatentSampler(counting, cvae, device="cpu"), counting, cvae
+    return LatentSampler(counting, cvae, device="cpu", condition_scheme=condition_scheme), counting, cvae
 
 
 def test_sampler_one_encoder_call_shapes_and_definition(encoder):
@@ -121,6 +190,24 @@ def test_sampler_one_encoder_call_shapes_and_definition(encoder):
     out2 = sampler.sample_latent_embeddings(conditions, 3, alpha=1.0, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out2.embeddings, 2 * out.embeddings, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(out.embeddings[0, 0], out.embeddings[0, 1])
+
+
+def test_lars_scheme_sampler_queries_the_prior_with_the_question_alone(encoder):
+    """A lars prior was trained on the question only: the rollout's prefix is dropped before encoding."""
+    sampler, counting, cvae = _sampler(encoder, condition_scheme="question")
+    conditions = [build_condition_text("Tom has 3 apples.", p) for p in ("First", "First, 3 + 5 = 8.", "")]
+    out = sampler.sample_latent_embeddings(conditions, 2, alpha=1.0,
+                                           generator=[torch.Generator().manual_seed(5) for _ in conditions])
+    assert counting.calls == [[build_condition_text("Tom has 3 apples.", "")] * 3]
+    torch.testing.assert_close(out.z[0], out.z[1])  # same question, same seed: prefix ignored
+    torch.testing.assert_close(out.z[0], out.z[2])
+    prefix_sampler, prefix_counting, _ = _sampler(encoder)  # same weights (seeded), question + prefix scheme
+    out_p = prefix_sampler.sample_latent_embeddings(conditions, 2, alpha=1.0,
+                                                    generator=[torch.Generator().manual_seed(5) for _ in conditions])
+    assert prefix_counting.calls == [conditions]
+    assert not torch.allclose(out_p.z[0], out_p.z[1])
+    with pytest.raises(ValueError, match="condition_scheme"):
+        LatentSampler(encoder, cvae, condition_scheme="lars")
 
 
 def test_sampler_alpha_zero_means_no_latent_and_no_encoder_call(encoder):

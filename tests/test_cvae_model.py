@@ -109,6 +109,7 @@ def test_checkpoint_round_trip(tmp_path):
                                         expected_policy_hidden_size=16, expected_encoder_name="tiny-enc",
                                         expected_mode="prefix")
     assert info.config == model.config and info.mode == "prefix" and info.encoder_name == "tiny-enc"
+    assert info.condition_scheme == "question_prefix" and info.format_version == 2
     assert info.train_summary == {"final_elbo": -1.5, "rows_used": 3}
     assert not loaded.training
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -147,6 +148,28 @@ def test_checkpoint_mismatches_fail_precisely(tmp_path):
     torch.save(payload, tmp_path / "noproj.pt")
     with pytest.raises(CVAECheckpointError, match="no weights for 'projector'"):
         load_cvae_checkpoint(tmp_path / "noproj.pt")
+
+    _, lars_info = load_cvae_checkpoint(path)
+    assert lars_info.condition_scheme == "question"  # lars priors are trained on the question alone
+
+    payload = torch.load(path, weights_only=True)
+    payload["condition_scheme"] = "question_prefix"  # a header claiming a scheme its mode did not train
+    torch.save(payload, tmp_path / "scheme.pt")
+    with pytest.raises(CVAECheckpointError, match="condition_scheme='question_prefix' but a 'lars' checkpoint"):
+        load_cvae_checkpoint(tmp_path / "scheme.pt")
+
+    payload = torch.load(path, weights_only=True)
+    del payload["condition_scheme"]
+    torch.save(payload, tmp_path / "noscheme.pt")
+    with pytest.raises(CVAECheckpointError, match="'condition_scheme' missing"):
+        load_cvae_checkpoint(tmp_path / "noscheme.pt")
+
+    payload = torch.load(path, weights_only=True)
+    del payload["condition_scheme"]
+    payload["format_version"] = 1  # written before the scheme was recorded
+    torch.save(payload, tmp_path / "v1.pt")
+    with pytest.raises(CVAECheckpointError, match="format_version=1 .* retrain"):
+        load_cvae_checkpoint(tmp_path / "v1.pt")
 
     payload = torch.load(path, weights_only=True)
     payload["format_version"] = 99

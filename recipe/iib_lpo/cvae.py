@@ -11,9 +11,25 @@ Loss (paper-code parity): ||e_y_hat - e_y||^2 + beta * KL(q || p), averaged over
 (the squared error is summed over embedding dimensions, the KL over latent dimensions).
 
 Checkpoints are one ``torch.save`` file holding plain state dicts plus a header (format version,
-CVAE config, encoder name, mode, training summary) so that a policy / encoder / latent-size
-mismatch is caught at load time with a precise message instead of producing a silent wrong
-latent. Files are read with ``weights_only=True`` (checkpoints may come from untrusted places).
+CVAE config, encoder name, mode, condition scheme, training summary) so that a policy / encoder /
+latent-size mismatch is caught at load time with a precise message instead of producing a silent
+wrong latent. Files are read with ``weights_only=True`` (checkpoints may come from untrusted
+places).
+
+Condition scheme (decision, recorded in the header as ``condition_scheme``): what the prior was
+trained on, and therefore how the rollout must query it. ``prefix`` and ``lm`` train the prior on
+``build_condition_text(question, solution prefix)`` -> scheme ``"question_prefix"``: the rollout
+queries it with question + response prefix r_i[:t*]. ``lars`` (paper-code parity) trains it on
+the question alone -> scheme ``"question"``: the rollout queries it with the question alone (the
+sampler drops the prefix through ``latent_sampler.prior_condition_text``, the function training
+applies too), so a lars prior gives every fork point of a prompt the same latent distribution,
+as in the paper's code, instead of being queried with texts it never saw. The scheme follows
+from the mode (:data:`MODE_CONDITION_SCHEME`); the loader refuses a header where they disagree.
+
+Format history: version 2 added ``condition_scheme`` and changed how condition texts are cut to
+the encoder's length (the question is kept, the prefix shortened from its start;
+text_encoder.py). Version-1 checkpoints were trained on differently cut conditions and are
+refused with that reason: retrain them with train_cvae.
 """
 
 from __future__ import annotations
@@ -29,8 +45,11 @@ import torch
 from torch import nn
 
 CHECKPOINT_FORMAT = "iib_lpo.cvae"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
 CVAE_MODES = ("lars", "prefix", "lm")
+# What the prior is conditioned on (module docstring): the question alone, or question + prefix.
+CONDITION_SCHEMES = ("question", "question_prefix")
+MODE_CONDITION_SCHEME = {"lars": "question", "prefix": "question_prefix", "lm": "question_prefix"}
 
 # log-variances are clamped to this range before exp(): an untrained or diverging network can
 # otherwise emit logvar = +-100 and produce inf/0 standard deviations (NaN KL, NaN latents).
@@ -233,6 +252,7 @@ class CVAECheckpointInfo:
     config: CVAEConfig
     encoder_name: str
     mode: str
+    condition_scheme: str  # "question" (lars) or "question_prefix" (prefix, lm); see module docstring
     format_version: int = CHECKPOINT_FORMAT_VERSION
     train_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -248,6 +268,8 @@ def save_cvae_checkpoint(
     """Write model weights + header to ``path`` (one file, loadable with weights_only=True).
 
     train_summary: plain numbers / strings only (e.g. final ELBO, row counts, seed).
+    The header's ``condition_scheme`` is ``MODE_CONDITION_SCHEME[mode]`` (not a free argument, so
+    a checkpoint cannot claim a scheme its training did not use).
     """
     if mode not in CVAE_MODES:
         raise ValueError(f"mode must be one of {CVAE_MODES}, got {mode!r}")
@@ -257,6 +279,7 @@ def save_cvae_checkpoint(
         "config": dataclasses.asdict(model.config),
         "encoder_name": str(encoder_name),
         "mode": mode,
+        "condition_scheme": MODE_CONDITION_SCHEME[mode],
         "train_summary": dict(train_summary or {}),
         "state_dicts": {
             part: {k: v.detach().cpu().clone() for k, v in getattr(model, part).state_dict().items()}
@@ -289,7 +312,9 @@ def load_cvae_checkpoint(
 ) -> tuple[LatentCVAE, CVAECheckpointInfo]:
     """Load and validate a checkpoint written by :func:`save_cvae_checkpoint`.
 
-    Every ``expected_*`` that is not None is compared with the header; a mismatch raises
+    The header's ``condition_scheme`` must be the one its mode trains (MODE_CONDITION_SCHEME);
+    version-1 files are refused (module docstring). Every ``expected_*`` that is not None is
+    compared with the header; a mismatch raises
     :class:`CVAECheckpointError` naming the field, the checkpoint value and the expected value.
     State dicts are checked key by key and shape by shape against a model built from the header
     config, so a hand-edited or truncated file fails with the offending parameter named.
@@ -308,6 +333,12 @@ def load_cvae_checkpoint(
     if fmt != CHECKPOINT_FORMAT:
         raise CVAECheckpointError(f"{path}: format {fmt!r} is not {CHECKPOINT_FORMAT!r}")
     version = _header_field(payload, "format_version", path)
+    if version == 1:
+        raise CVAECheckpointError(
+            f"{path}: checkpoint format_version=1 predates the recorded condition scheme and the "
+            f"question-preserving truncation of condition texts (format {CHECKPOINT_FORMAT_VERSION}); its prior "
+            f"was trained on differently cut conditions, so retrain it with python -m recipe.iib_lpo.train_cvae"
+        )
     if version != CHECKPOINT_FORMAT_VERSION:
         raise CVAECheckpointError(
             f"{path}: checkpoint format_version={version} but this code reads version {CHECKPOINT_FORMAT_VERSION}"
@@ -325,9 +356,17 @@ def load_cvae_checkpoint(
         config=config,
         encoder_name=str(_header_field(payload, "encoder_name", path)),
         mode=str(_header_field(payload, "mode", path)),
+        condition_scheme=str(_header_field(payload, "condition_scheme", path)),
         format_version=version,
         train_summary=dict(payload.get("train_summary") or {}),
     )
+    if info.mode not in CVAE_MODES:
+        raise CVAECheckpointError(f"{path}: unknown mode {info.mode!r} (known: {CVAE_MODES})")
+    if info.condition_scheme != MODE_CONDITION_SCHEME[info.mode]:
+        raise CVAECheckpointError(
+            f"{path}: condition_scheme={info.condition_scheme!r} but a {info.mode!r} checkpoint's prior is trained "
+            f"on {MODE_CONDITION_SCHEME[info.mode]!r}; the rollout would query it with conditions it never saw"
+        )
 
     expectations = [
         ("embed_dim", config.embed_dim, expected_embed_dim),

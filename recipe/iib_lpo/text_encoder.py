@@ -3,14 +3,22 @@
 Any Hugging Face encoder (``AutoModel``) works; the default is ``microsoft/deberta-v2-xlarge``
 (1536-d), as in the paper's code. The embedding of a text is the mean of the encoder's last
 hidden state over the non-padding tokens (the attention mask), so padding a batch never changes
-an item's embedding. Inputs are cut to ``max_length`` tokens (512, the paper code's limit).
+an item's embedding. Inputs are cut to ``max_length`` tokens (512, the paper code's limit),
+special tokens included.
 
-Truncation side (decision): ``"left"`` by default, i.e. the *end* of a long text is kept. The
-condition text is question + generated prefix, and the part that describes the state at the fork
-point is the end of the prefix; right truncation (the tokenizer default, and what the paper code
-effectively did) would, for long prefixes, encode only the question and the first steps and so
-give every fork point of a response the same latent distribution. Set ``truncation_side="right"``
-for paper-code parity.
+Truncation (decision). Two kinds of text are encoded, and they are cut differently:
+
+* **Condition texts** (question + response prefix, built by
+  ``latent_sampler.build_condition_text``, which joins the two parts with
+  :data:`CONDITION_SEPARATOR`): the question and the prefix are tokenized separately; the
+  question is always kept (only its first tokens, if it alone exceeds the limit), and the
+  remaining budget holds the *end* of the prefix, the text closest to the fork point. Cutting the
+  joined text from the left (the previous rule) dropped the question entirely for long prefixes;
+  cutting from the right would encode only the question and the first steps, giving every fork
+  point of a response the same latent distribution.
+* **Plain texts** (no separator: the CVAE targets, i.e. solutions / suffixes): cut on
+  ``truncation_side``, ``"left"`` (default, keep the end) or ``"right"`` (keep the start, the
+  tokenizer default and paper-code parity).
 
 Cost (ENVIRONMENT.md): the xlarge encoder takes ~6 ms per 512-token sequence batched on an H100
 and ~7 s per sequence on a 2-core CPU, so callers must encode all conditions of a step in one
@@ -25,6 +33,20 @@ from pathlib import Path
 import torch
 
 DEFAULT_ENCODER = "microsoft/deberta-v2-xlarge"
+
+# Joins the question and the response prefix inside a condition text (ASCII "record separator",
+# which no question or decoded response contains in practice; build_condition_text replaces any
+# occurrence in its inputs). The encoder splits on it and never tokenizes it.
+CONDITION_SEPARATOR = "\x1e"
+
+
+def split_condition_text(text: str) -> tuple[str, str] | None:
+    """(question, prefix) of a condition text built by ``build_condition_text``; None for a
+    plain text (no :data:`CONDITION_SEPARATOR`). Splits at the first separator."""
+    if CONDITION_SEPARATOR not in text:
+        return None
+    question, prefix = text.split(CONDITION_SEPARATOR, 1)
+    return question, prefix
 
 
 def mean_pool(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -47,7 +69,9 @@ class TextEncoder:
     max_length: token limit per text (default 512, paper code).
     micro_batch_size: texts per forward pass (default 32; 64 fits the xlarge encoder in bf16 in
         ~8 GB on an H100 at 512 tokens).
-    truncation_side: "left" (keep the end, default) or "right" (keep the start, paper parity).
+    truncation_side: how *plain* texts are cut: "left" (keep the end, default) or "right" (keep
+        the start, paper parity). Condition texts always keep the question and the end of the
+        prefix (module docstring).
     device / dtype: where and in which precision the encoder runs (bf16 on GPU is fine: the pooled
         output is returned in float32).
     """
@@ -73,10 +97,18 @@ class TextEncoder:
         self.micro_batch_size = micro_batch_size
         self.device = torch.device(device)
         self.dtype = dtype
+        self.truncation_side = truncation_side
         self.tokenizer = AutoTokenizer.from_pretrained(self.name)
         self.tokenizer.truncation_side = truncation_side
         if self.tokenizer.pad_token is None:
             raise ValueError(f"encoder tokenizer {self.name} has no pad token; mean pooling needs padded batches")
+        self._special_head, self._special_tail = self._special_token_frame()
+        self.content_budget = max_length - len(self._special_head) - len(self._special_tail)
+        if self.content_budget < 1:
+            raise ValueError(
+                f"max_length={max_length} leaves no room for text after the tokenizer's "
+                f"{len(self._special_head) + len(self._special_tail)} special tokens"
+            )
         self.model = AutoModel.from_pretrained(self.name, dtype=dtype).to(self.device)
         self.model.eval()
         self.model.requires_grad_(False)
@@ -85,9 +117,56 @@ class TextEncoder:
     def embed_dim(self) -> int:
         return int(self.model.config.hidden_size)
 
+    def _special_token_frame(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts before / after a single text (e.g. [CLS] / [SEP]),
+        read off one probe encoding, so that texts cut at the id level are framed exactly as the
+        tokenizer frames them."""
+        probe = "probe text"
+        framed = list(self.tokenizer(probe)["input_ids"])
+        bare = list(self.tokenizer(probe, add_special_tokens=False)["input_ids"])
+        for start in range(len(framed) - len(bare) + 1):
+            if framed[start : start + len(bare)] == bare:
+                return framed[:start], framed[start + len(bare) :]
+        raise ValueError(f"cannot locate the text inside the special tokens of {self.name}'s tokenizer")
+
+    def _bare_ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        # verbose=False: long prefixes are tokenized whole on purpose (cut below), no length warning
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+    def input_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids (special tokens included, no padding) that :meth:`encode` feeds the model.
+
+        Condition texts (see :func:`split_condition_text`): the question's ids (cut to the budget
+        only if the question alone exceeds it, keeping its start), then the *last* ids of the
+        prefix that fit in ``max_length``. Plain texts: cut on ``truncation_side``.
+        """
+        texts = list(texts)
+        parts = [split_condition_text(t) for t in texts]
+        heads = self._bare_ids([t if p is None else p[0] for t, p in zip(texts, parts)])
+        prefix_index = [i for i, p in enumerate(parts) if p is not None and p[1]]
+        prefixes = dict(zip(prefix_index, self._bare_ids([parts[i][1] for i in prefix_index])))
+        budget = self.content_budget
+        out = []
+        for i, (ids, part) in enumerate(zip(heads, parts)):
+            if part is None:  # plain text
+                if len(ids) > budget:
+                    ids = ids[len(ids) - budget :] if self.truncation_side == "left" else ids[:budget]
+            else:
+                ids = ids[:budget]
+                room = budget - len(ids)
+                prefix_ids = prefixes.get(i, [])
+                if room > 0 and prefix_ids:
+                    ids = ids + prefix_ids[-room:]
+            out.append(self._special_head + ids + self._special_tail)
+        return out
+
     @torch.no_grad()
     def encode(self, texts: Sequence[str], *, show_progress: bool = False) -> torch.Tensor:
-        """Embeddings [len(texts), embed_dim] (float32, on ``self.device``), in input order."""
+        """Embeddings [len(texts), embed_dim] (float32, on ``self.device``), in input order.
+
+        Texts are cut as :meth:`input_ids` says (condition texts keep their question)."""
         if isinstance(texts, str):
             raise TypeError("encode() takes a sequence of strings, not a single string")
         texts = list(texts)
@@ -103,13 +182,15 @@ class TextEncoder:
             starts = tqdm(starts, desc=f"encode ({Path(self.name).name})", unit="batch")
         outputs = []
         for start in starts:
-            chunk = texts[start : start + self.micro_batch_size]
-            batch = self.tokenizer(
-                chunk, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ids = self.input_ids(texts[start : start + self.micro_batch_size])
+            width = max(len(row) for row in ids)
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in ids], device=self.device)
+            attention_mask = torch.tensor(
+                [[1] * len(row) + [0] * (width - len(row)) for row in ids], device=self.device
             )
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            hidden = self.model(**batch).last_hidden_state
-            outputs.append(mean_pool(hidden, batch["attention_mask"]))
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            outputs.append(mean_pool(hidden, attention_mask))
         return torch.cat(outputs, dim=0)
 
 

@@ -8,15 +8,22 @@ solution ``extra_info.<solution_key>``, default ``solution``). A row without sol
 back to ``extra_info.answer`` (counted, warned: an answer-only target carries little about the
 reasoning); a row without a question or any target is skipped and counted.
 
-Modes:
-* ``lars``   (paper-code parity): condition = question, target = full solution.
+Modes (every condition is ``prior_condition_text(build_condition_text(question, prefix),
+MODE_CONDITION_SCHEME[mode])``, the functions the rollout uses too; see latent_sampler.py):
+* ``lars``   (paper-code parity): condition = question alone (empty prefix), target = full
+  solution. The checkpoint records condition scheme "question" and the rollout queries the prior
+  with the question alone (the fork's prefix is dropped), exactly as trained.
 * ``prefix`` (recommended): condition = question + solution prefix, target = solution suffix,
   cut at random step boundaries (newlines and sentence ends), ``--cuts-per-example`` cuts per
   solution, seeded. Matches how the prior is queried at rollout (question + response prefix).
 * ``lm``     (Optimus-style): first trains the CVAE as in ``prefix`` mode, then trains P alone
   through the frozen policy LM: maximise log p(suffix | chat prompt + prefix + latent token
-  alpha * P(z)), z from the (frozen) posterior q(z | e_x, e_y), so that P learns to turn z into
-  an embedding the policy reads. Needs ``--policy-model``; costly (one LM forward/backward per
+  alpha * P(z)) with z ~ p(z | e_x) drawn from the (frozen, already trained) *prior*, the
+  distribution the rollout draws from, so P is fitted to the inputs it will receive. (Posterior
+  draws q(z | e_x, e_y) would carry information about the very suffix being scored, which no
+  rollout latent carries, and lie where the prior puts little mass whenever KL(q || p) > 0.
+  The price: the objective does not reward P for making different z's differ; diversity comes
+  from the prior's spread.) Needs ``--policy-model``; costly (one LM forward/backward per
   pair), so it trains on at most ``--lm-max-pairs`` pairs with suffixes cut to
   ``--lm-max-suffix-tokens``.
 
@@ -39,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from recipe.iib_lpo.cvae import CVAE_MODES, CVAEConfig, LatentCVAE, save_cvae_checkpoint
-from recipe.iib_lpo.latent_sampler import build_condition_text
+from recipe.iib_lpo.cvae import CVAE_MODES, MODE_CONDITION_SCHEME, CVAEConfig, LatentCVAE, save_cvae_checkpoint
+from recipe.iib_lpo.latent_sampler import build_condition_text, prior_condition_text
 
 logger = logging.getLogger("iib_lpo.train_cvae")
 
@@ -157,7 +164,7 @@ def cut_at_random_step(text: str, rng: random.Random) -> tuple[str, str]:
 
 @dataclass
 class TrainingPair:
-    condition: str  # build_condition_text(question, prefix)
+    condition: str  # prior_condition_text(build_condition_text(question, prefix), scheme of the mode)
     target: str
     prefix: str = ""
     prompt: list | None = None
@@ -167,22 +174,31 @@ def make_training_pairs(
     rows: Sequence[TrainingRow], mode: str, *, cuts_per_example: int = 1, seed: int = 0
 ) -> list[TrainingPair]:
     """Condition/target text pairs for ``mode`` ("lars": question -> solution; "prefix"/"lm":
-    question + prefix -> suffix at ``cuts_per_example`` distinct random step boundaries)."""
+    question + prefix -> suffix at ``cuts_per_example`` distinct random step boundaries).
+
+    Every condition is ``prior_condition_text(build_condition_text(question, prefix),
+    MODE_CONDITION_SCHEME[mode])``: the same functions the rollout applies to its fork points,
+    so the prior is trained on conditions of exactly the form it is queried with."""
     if mode not in CVAE_MODES:
         raise ValueError(f"mode must be one of {CVAE_MODES}, got {mode!r}")
     if cuts_per_example < 1:
         raise ValueError(f"cuts_per_example must be >= 1, got {cuts_per_example}")
+    scheme = MODE_CONDITION_SCHEME[mode]
     rng = random.Random(seed)
     pairs = []
+
+    def condition(question: str, prefix: str) -> str:
+        return prior_condition_text(build_condition_text(question, prefix), scheme)
+
     for row in rows:
         if mode == "lars":
-            pairs.append(TrainingPair(build_condition_text(row.question, ""), row.target, "", row.prompt))
+            pairs.append(TrainingPair(condition(row.question, ""), row.target, "", row.prompt))
             continue
         cuts = step_boundaries(row.target)
         chosen = rng.sample(cuts, min(cuts_per_example, len(cuts))) if cuts else [0]
         for cut in sorted(chosen):
             prefix, suffix = row.target[:cut], row.target[cut:]
-            pairs.append(TrainingPair(build_condition_text(row.question, prefix), suffix, prefix, row.prompt))
+            pairs.append(TrainingPair(condition(row.question, prefix), suffix, prefix, row.prompt))
     return pairs
 
 
@@ -265,7 +281,6 @@ def train_projector_through_lm(
     tokenizer,
     pairs: Sequence[TrainingPair],
     e_x: torch.Tensor,
-    e_y: torch.Tensor,
     *,
     alpha: float = 1.0,
     epochs: int = 1,
@@ -275,7 +290,10 @@ def train_projector_through_lm(
     show_progress: bool = True,
 ) -> list[float]:
     """"lm" mode: train P only, maximising log p(suffix | prompt + prefix + alpha * P(z)) under the
-    frozen policy, z ~ q(z | e_x, e_y) (frozen CVAE). Returns the mean suffix NLL per token per epoch.
+    frozen policy, with z ~ p(z | e_x) drawn by ``model.sample_prior`` (the rollout's sampler) from
+    the frozen prior; the posterior is not used (module docstring: P is fitted to the latents
+    the rollout feeds it). ``e_x[i]`` is the condition embedding of ``pairs[i]``. Returns the
+    mean suffix NLL per token per epoch.
 
     The context is the row's chat prompt (chat template, generation prompt) followed by the
     solution prefix, exactly what the policy has seen at a fork point.
@@ -310,9 +328,8 @@ def train_projector_through_lm(
             context, suffix = encoded[i]
             if not suffix:
                 continue
-            with torch.no_grad():
-                mu, logvar = model.posterior_params(e_x[i : i + 1].to(device), e_y[i : i + 1].to(device))
-                z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=device)
+            with torch.no_grad():  # the prior is frozen: only P learns here
+                z = model.sample_prior(e_x[i : i + 1].to(device, torch.float32), 1, generator=generator)[0]
             latent = latent_token_embedding(model.projector, z[0], alpha)
             logprobs = score_continuation(policy, context, suffix, latent)
             nll = -logprobs.mean()
@@ -342,7 +359,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-max-length", type=int, default=512, help="tokens per text (default 512, paper code)")
     p.add_argument("--encoder-batch-size", type=int, default=32, help="texts per encoder forward (default 32)")
     p.add_argument("--encoder-truncation-side", choices=("left", "right"), default="left",
-                   help="left (default): keep the end of long texts (the fork-point side); right: paper-code parity")
+                   help="how long target texts are cut: left (default) keeps their end, right their start "
+                        "(paper-code parity); conditions always keep the question and the end of the prefix")
     p.add_argument("--encoder-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="encoder precision (default float32; bfloat16 on GPU is ~free in accuracy)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -446,11 +464,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         policy_model = AutoModelForCausalLM.from_pretrained(args.policy_model).to(args.device)
         n = min(len(pairs), args.lm_max_pairs)
         nll = train_projector_through_lm(
-            model, policy_model, tokenizer, pairs[:n], e_x[:n], e_y[:n], alpha=args.lm_alpha,
+            model, policy_model, tokenizer, pairs[:n], e_x[:n], alpha=args.lm_alpha,
             epochs=args.lm_epochs, lr=args.lm_lr, max_suffix_tokens=args.lm_max_suffix_tokens,
             seed=args.seed, show_progress=show,
         )
-        summary.update({"lm_pairs": n, "lm_alpha": args.lm_alpha, "lm_final_suffix_nll": nll[-1] if nll else math.nan})
+        summary.update({"lm_pairs": n, "lm_alpha": args.lm_alpha, "lm_latent_source": "prior",
+                        "lm_final_suffix_nll": nll[-1] if nll else math.nan})
     out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode=args.mode, train_summary=summary)
     logger.info("wrote %s (%s)", out, summary)
     return out
