@@ -52,6 +52,9 @@ EXTRACTION_CASES = [
     ("\\boxed{}", None),  # empty box
     ("\\boxed{3", None),  # unterminated box (truncated response)
     ("\\boxedfoo{3}", None),  # not a box command
+    ("The answer is not obvious, let me think", None),  # prose after the phrase is no answer
+    ("The answer is 42. I hope the answer is right.", None),  # the last statement counts
+    ("the answer is $\\frac{1}{2}$", "\\frac{1}{2}"),
 ]
 
 
@@ -67,6 +70,8 @@ def test_extraction_reasons():
     assert ac.extract_answer_detailed("nothing").reason == "no_answer"
     assert ac.extract_answer_detailed(None).reason == "bad_input_type"
     assert ac.extract_answer_detailed("#### 5").source == "gsm8k_hashes"
+    prose = ac.extract_answer_detailed("Answer: see above")
+    assert (prose.answer, prose.reason, prose.source) == (None, "unparseable_answer", "answer_line")
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +134,10 @@ EQUIVALENCE_CASES = [
     ("5 dollars", "5", True),
     ("\\mbox{10 cm}", "10", True),
     ("10 cm", "100", False),
+    # constants are not units (more in test_reward_constants.py)
+    ("2 pi", "2\\pi", True),
+    ("2 pi", "2", False),
+    ("3 e", "3", False),
     # thousands separators
     ("1,000", "1000", True),
     ("1{,}000", "1000", True),
@@ -283,7 +292,8 @@ def _adversarial_inputs(marker: str) -> list[tuple[str, str]]:
         ("lambda", "\\boxed{(lambda: __import__('os').system('touch " + marker + "'))()}"),
         ("1 MB of text", "a" * 1_000_000),
         ("1 MB in a box", "\\boxed{" + "1" * 1_000_000 + "}"),
-        ("1 MB of answer lines", "Answer: 1 " * 100_000),
+        # the last statement counts (it is "2", wrong); see test_reward_constants.py for "1"
+        ("1 MB of answer lines", "Answer: 2 " * 100_000),
         ("10,000 nested braces", "\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}"),
         ("10,000 open braces", "\\boxed{" + "{" * 10_000),
         ("10,000 boxes", "\\boxed{" * 10_000),

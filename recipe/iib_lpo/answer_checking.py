@@ -30,7 +30,8 @@ Model output is untrusted, so this module is built around three rules:
    intervals, sets, expressions) reaches math-verify.
 
 Every outcome carries a ``reason`` and is counted (:func:`equivalence_path_counts`); failures
-are logged. See tests/test_reward_checker.py for the behaviour table.
+are logged. See tests/test_reward_checker.py for the behaviour table and
+tests/test_reward_constants.py for constants vs units and the line-answer fallbacks.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ _MATH_WORDS = frozenset(
     "arcsin arccos arctan arcsec arccsc arccot sinh cosh tanh infty infinity sqrt frac dfrac"
     " undefined".split()
 )
+#: Mathematical constants and functions written as words. A number followed by one of them is
+#: an expression, never a number with a unit ("2 pi" is 2*pi, "2 sqrt 3" is 2*sqrt(3)). ``e`` and
+#: ``i`` are lowercase only (``E``/``I`` can be choice letters); the others in any case.
+_CONSTANT_WORDS = frozenset("pi e i inf infty infinity".split())
+_FUNCTION_WORDS = frozenset(
+    "sqrt sin cos tan sec csc cot arcsin arccos arctan sinh cosh tanh log ln exp".split()
+)
+#: Words that turn "number + words" into an operation or a hedge, not a quantity with a unit:
+#: "4 squared" is 16 and "3 or more" is no single answer, so neither may score as the number.
+#: (Infix words such as "times" or "plus" need an operand after them, which the unit rules
+#: never accept anyway, and "3 times" is a count.)
+_OPERATOR_WORDS = frozenset("squared cubed factorial and or not but if".split())
+#: A tail with any of these is not a unit. "sec" stays a unit (seconds; a secant needs an argument).
+_NOT_UNIT_WORDS = (_CONSTANT_WORDS | _FUNCTION_WORDS | _OPERATOR_WORDS) - {"sec"}
 #: Characters that do not occur in math answers but do in code and shell text.
 _NON_MATH_MARKERS = ('"', "`", ";", "@", "#", "?", "__")
 #: Default hard time limit (seconds) of one equivalence check, measured from the request to
@@ -125,7 +140,9 @@ class Extraction:
 
     ``answer`` is None when there is no usable answer; ``reason`` then says why
     (``no_answer``, ``empty_answer``, ``unterminated_box``, ``answer_too_long``,
-    ``answer_too_deep``). ``source`` says where a found answer came from.
+    ``answer_too_deep``, ``unparseable_answer``: a ``####``/answer line holds prose, not math).
+    ``source`` says where a found answer came from (``boxed``, ``gsm8k_hashes``,
+    ``answer_line``; also set for ``unparseable_answer``).
     """
 
     answer: str | None
@@ -195,9 +212,10 @@ def _finish(content: str, source: str) -> Extraction:
     return Extraction(content, "ok", source)
 
 
-_ANSWER_LINE_RE = re.compile(
-    r"(?i)\banswer\s*(?:is\s*)?[:\uff1a]\s*(?P<a>[^\n]*)|\banswer\s+is\s+(?P<b>[^\n]*)"
-)
+# The start of an answer statement; the answer is the rest of its line. The prefix alone is
+# matched so that the last statement wins even when a line holds two ("the answer is 5. Wait,
+# the answer is not 5" -> "not 5", which is then rejected as prose).
+_ANSWER_LINE_RE = re.compile(r"(?i)\banswer\s*(?:is\s*)?[:\uff1a]\s*|\banswer\s+is\s+")
 
 
 def _clean_line_answer(line: str) -> str:
@@ -220,8 +238,64 @@ def _clean_line_answer(line: str) -> str:
     return s.strip().strip("*").strip()
 
 
+# A word (letters, hyphenated parts allowed) and what may stand next to a free-standing one.
+_LINE_WORD_RE = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")
+_PROSE_NEIGHBOURS = frozenset(" \t\r\n,.;:!?'\"")
+
+
+def _is_math_line_answer(answer: str) -> bool:
+    """Whether the text found after ``####`` / ``Answer:`` / ``The answer is`` is a math answer.
+
+    These fallbacks also match prose ("The answer is not obvious, let me think"), so unlike a box
+    their text must look like mathematics. Accepted: text that normalises to a plain number
+    (``42``, ``\\frac{1}{2}``, ``50\\%``, ``five``, ``12 dollars``); otherwise an expression whose
+    letters are variables (single letters, or runs touching a digit, operator or bracket:
+    ``2xy``, ``(ab)``), constants or functions written as words (``pi``, ``sqrt``, ``infinity``,
+    ``sin``), LaTeX commands, or the content of ``\\text{..}``-like groups (written as LaTeX on
+    purpose). Rejected: a free-standing word of two or more letters that is none of those
+    ("not", "obvious", "yes", "xy" alone), code or shell markers, and text with no letter, digit
+    or LaTeX command ("..", "---"). Pure string work, nothing is evaluated.
+    """
+    normalized = normalize_answer(answer)
+    if not normalized.key:
+        return False
+    if normalized.number is not None:
+        return True
+    if any(marker in answer for marker in _NON_MATH_MARKERS):
+        return False
+    raw = _TEXT_GROUP_RE.sub(" 0 ", _strip_delimiters(answer))  # explicit LaTeX text: accepted
+    raw = re.sub(r"\\[A-Za-z]+", lambda m: "\\", raw)  # a command is an operator next to a word
+    if not re.search(r"[^\W_]|\\|[\u221e\u221a]", raw):  # letters, digits, commands, infinity, root
+        return False
+    for m in _LINE_WORD_RE.finditer(raw):
+        word = m.group(0)
+        if max(len(part) for part in word.split("-")) < 2 or word.lower() in _CONSTANT_WORDS | _FUNCTION_WORDS:
+            continue
+        before = raw[m.start() - 1] if m.start() > 0 else " "
+        after = raw[m.end()] if m.end() < len(raw) else " "
+        if before in _PROSE_NEIGHBOURS and after in _PROSE_NEIGHBOURS:
+            return False
+    return True
+
+
+def _rest_of_line(text: str, start: int) -> str:
+    return text[start : start + MAX_ANSWER_CHARS * 4].split("\n", 1)[0]
+
+
+def _line_answer(line: str, source: str) -> Extraction:
+    found = _finish(_clean_line_answer(line), source)
+    if found.answer is not None and not _is_math_line_answer(found.answer):
+        return Extraction(None, "unparseable_answer", source)
+    return found
+
+
 def extract_answer_detailed(text: str) -> Extraction:
-    """Final answer of ``text``: the last box, else the last ``####`` line, else ``Answer:``."""
+    """Final answer of ``text``: the last box, else the last ``####`` line, else ``Answer:``.
+
+    Only the last candidate of the chosen kind is used: if it is not a mathematical answer
+    (:func:`_is_math_line_answer`) the result is ``unparseable_answer``, without looking at
+    earlier ones ("The answer is 5. No wait, the answer is not 5" has no answer).
+    """
     if not isinstance(text, str):
         return Extraction(None, "bad_input_type")
     box = _last_box(text)
@@ -229,23 +303,23 @@ def extract_answer_detailed(text: str) -> Extraction:
         return box
     hash_pos = text.rfind("####")
     if hash_pos >= 0:
-        rest = text[hash_pos + 4 :].split("\n", 1)[0]
-        return _finish(_clean_line_answer(rest[: MAX_ANSWER_CHARS * 4]), "gsm8k_hashes")
+        return _line_answer(_rest_of_line(text, hash_pos + 4), "gsm8k_hashes")
     last = None
     for last in _ANSWER_LINE_RE.finditer(text):
         pass
     if last is not None:
-        line = last.group("a") if last.group("a") is not None else last.group("b")
-        return _finish(_clean_line_answer(line[: MAX_ANSWER_CHARS * 4]), "answer_line")
+        return _line_answer(_rest_of_line(text, last.end()), "answer_line")
     return Extraction(None, "no_answer")
 
 
 def extract_answer(text: str) -> str | None:
     """The final answer in a model response, or None (see :func:`extract_answer_detailed`).
 
-    Priority: the last ``\\boxed{...}`` (nested braces allowed) / ``\\boxed x`` / ``\\fbox{...}``;
-    else the rest of the line after the last ``####`` (GSM8K); else the last ``Answer:`` /
-    ``The answer is`` line. Anything after the answer is ignored.
+    Priority: the last ``\\boxed{...}`` (nested braces allowed) / ``\\boxed x`` / ``\\fbox{...}``,
+    taken as it is; else the rest of the line after the last ``####`` (GSM8K); else the rest of
+    the line after the last ``Answer:`` / ``The answer is``. Text after the answer (after a
+    closed ``$..$``, or a sentence after ``. ``) is ignored; a line answer that is prose rather
+    than mathematics gives None.
     """
     return extract_answer_detailed(text).answer
 
@@ -271,6 +345,17 @@ _TRAILING_UNIT_RE = re.compile(
 _TRAILING_WORD_UNIT_RE = re.compile(
     r"^(?P<num>" + _NUMBER_RE + r")\s+[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2}(?:\^\{?\d\}?)?$"
 )
+# Constants written as words or in text wrappers -> their LaTeX form (applied to pred and gold).
+_WRAPPED_CONSTANT_RE = re.compile(
+    _TEXT_WRAPPERS + r"\s*\{\s*(?P<c>(?i:pi|infty|infinity|inf)|e|i)\s*\}"
+)
+# ``\e`` is not LaTeX, models write it for e; ``\\e`` (a line break, then e) is not it.
+_FAKE_E_RE = re.compile(r"(?<!\\)\\e(?![A-Za-z])")
+_WORD_PI_RE = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])", re.IGNORECASE)
+_WORD_INFINITY_RE = re.compile(r"(?<![A-Za-z\\])(?:infinity|infty|inf)(?![A-Za-z])", re.IGNORECASE)
+_WORD_SQRT_PAREN_RE = re.compile(r"(?<![A-Za-z\\])sqrt\s*\(([^()]{0,%d})\)" % MAX_ANSWER_CHARS)
+_WORD_SQRT_NUMBER_RE = re.compile(r"(?<![A-Za-z\\])sqrt\s*(\d+(?:\.\d+)?)")
+_WORD_SQRT_RE = re.compile(r"(?<![A-Za-z\\])sqrt(?![A-Za-z])")
 _ASSIGNMENT_RE = re.compile(r"^[A-Za-z](?:_\{?[A-Za-z0-9]+\}?)?\s*=\s*(?P<rhs>[^=]+)$")
 _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _SPACING_RE = re.compile(r"\\[,;:! ]|\\(?:quad|qquad|displaystyle|textstyle)(?![A-Za-z])|~")
@@ -293,6 +378,39 @@ def _strip_delimiters(s: str) -> str:
         if len(s) >= len(left) + len(right) and s.startswith(left) and s.endswith(right):
             s = s[len(left) : len(s) - len(right)].strip()
     return s
+
+
+def _latex_constants(s: str) -> str:
+    """Constants written as words or wrapped in ``\\text``/``\\mathrm`` -> LaTeX.
+
+    ``pi`` -> ``\\pi``; ``inf``/``infty``/``infinity`` -> ``\\infty``; ``sqrt(x)``/``sqrt 2``
+    -> ``\\sqrt{x}``/``\\sqrt{2}``; ``\\mathrm{e}``, ``\\text{i}``, ``\\e`` -> ``e``, ``i``. Only
+    whole words change (``pie``, ``\\inf`` and ``\\pi`` stay as they are).
+    """
+
+    def wrapped(m: re.Match) -> str:
+        c = m.group("c")
+        if c.lower() == "pi":
+            return "\\pi "
+        if c.lower() in ("inf", "infty", "infinity"):
+            return "\\infty "
+        return c  # e / i
+
+    s = _WRAPPED_CONSTANT_RE.sub(wrapped, s)
+    s = _FAKE_E_RE.sub("e", s)
+    s = _WORD_PI_RE.sub(lambda m: "\\pi ", s)
+    s = _WORD_INFINITY_RE.sub(lambda m: "\\infty ", s)
+    s = _WORD_SQRT_PAREN_RE.sub(lambda m: "\\sqrt{" + m.group(1) + "}", s)
+    s = _WORD_SQRT_NUMBER_RE.sub(lambda m: "\\sqrt{" + m.group(1) + "}", s)
+    s = _WORD_SQRT_RE.sub(lambda m: "\\sqrt", s)
+    return s.strip()
+
+
+def _is_unit_tail(tail: str) -> bool:
+    """Whether the text after a number is a unit: no constant, function or operator word in it."""
+    words = re.findall(r"[A-Za-z]+", re.sub(r"\\[A-Za-z]+", " ", tail))
+    # e and i are constants in lowercase only (E, I can be choice letters, names); others any case
+    return not any((w if len(w) == 1 else w.lower()) in _NOT_UNIT_WORDS for w in words)
 
 
 def _word_number(s: str) -> int | None:
@@ -334,7 +452,10 @@ def normalize_answer(answer: str) -> NormalizedAnswer:
     degrees, percent signs, a leading ``\\$``, trailing units (``\\text{ cm}``, ``10 cm``),
     single-variable assignments (``x=3``), thousands separators (``1,000``, ``1{,}000``,
     ``10\\,000``), a trailing period, ``\\text{...}`` wrappers, choice letters (``(C)``) and
-    number words (``five``). Units are only dropped after a number so that text answers stay.
+    number words (``five``). Units are only dropped after a number so that text answers stay,
+    and never when the tail holds a constant, function or postfix-operation word
+    (``_NOT_UNIT_WORDS``): constants written as words become LaTeX first (:func:`_latex_constants`),
+    so ``2 pi`` normalises to ``2 \\pi``, not ``2``.
     """
     s = _strip_delimiters(answer)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -342,6 +463,7 @@ def normalize_answer(answer: str) -> NormalizedAnswer:
     s = s.replace("{,}", ",")
     s = re.sub(r"(\d)\\,(?=\d{3}(?!\d))", r"\1", s)  # 10\,000 thin-space thousands separator
     s = _SPACING_RE.sub(" ", s).strip()
+    s = _latex_constants(s)
     s = _DEGREE_RE.sub("", s).strip()
     percent = False
     m = _PERCENT_RE.search(s)
@@ -358,7 +480,7 @@ def normalize_answer(answer: str) -> NormalizedAnswer:
     if m and ("," not in m.group("rhs") or _THOUSANDS_RE.match(m.group("rhs").strip())):
         s = m.group("rhs").strip()
     m = _TRAILING_UNIT_RE.match(s) or _TRAILING_WORD_UNIT_RE.match(s)
-    if m:
+    if m and _is_unit_tail(s[m.end("num") :]):
         s = m.group("num")
     m = re.fullmatch(r"(" + _NUMBER_RE + r")\s*(?:degrees?|dollars?)", s)
     if m:

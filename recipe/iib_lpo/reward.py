@@ -15,6 +15,34 @@ passed to the reward function; ``reward.custom_reward_function.reward_kwargs`` i
 
 verl's reward managers call this function through ``loop.run_in_executor`` (a worker thread of a
 Ray actor). Everything below is thread-safe and bounded in time; see answer_checking.py for how.
+
+What is scored (the contract; model output is never evaluated):
+
+1. Extraction, first rule that applies. (a) The last ``\\boxed{..}`` / ``\\boxed x`` /
+   ``\\fbox{..}``, taken as it is (text answers allowed). (b) Else the rest of the line after the
+   last ``####``. (c) Else the rest of the line after the last ``Answer:`` / ``The answer is``
+   (also ``answer is:``, case-insensitive; several on a line: the last one). For (b) and
+   (c) a leading ``$..$`` / ``\\(..\\)`` is taken whole, otherwise the text up to the first ``. ``,
+   ``;``, ``!`` or ``?``; and it must be mathematics (a number, an expression or LaTeX): a
+   free-standing prose word ("The answer is not obvious", "... is yes") gives no answer, reason
+   ``unparseable_answer``. Only the last statement counts, earlier ones are not tried. No answer
+   (``no_answer``, ``empty_answer``, ``unterminated_box``, ``unparseable_answer``,
+   ``answer_too_long``, ``answer_too_deep``) scores as wrong.
+2. Normalisation, both sides, pure string work: math delimiters, ``\\left``/``\\right``, LaTeX
+   spacing, ``\\dfrac``; constants written as words or in text wrappers become LaTeX (``pi`` ->
+   ``\\pi``, ``inf``/``infinity`` -> ``\\infty``, ``sqrt(x)``/``sqrt 2`` -> ``\\sqrt{..}``,
+   ``\\mathrm{e}``/``\\e`` -> ``e``, ``\\text{i}`` -> ``i``); degree marks, percent signs (``50%``
+   equals 50 and 0.5), a leading ``\\$``, a trailing period, ``x=`` assignments, thousands
+   separators, ``\\text{..}`` wrappers, choice letters ``(C)``, number words (``five``).
+3. Units are dropped only after a bare number: ``\\text{..}``/``\\mathrm{..}`` groups
+   (``10\\text{ cm}^2``), one to three words of two or more letters (``5 cm``, ``12 dollars``),
+   degrees (``30^\\circ``). A tail holding a constant or function (``pi``, ``e``, ``i``, ``inf``,
+   ``infinity``, ``sqrt``, ``sin``, ``log``, ...; ``sec`` stays seconds) or a postfix operation
+   or hedge word (``squared``, ``cubed``, ``factorial``, ``and``, ``or``, ``not``, ``but``,
+   ``if``) is not a unit: ``2 pi`` is 2*pi and never 2, ``4 squared`` is not 4, ``3 or more``
+   is not 3. Single letters are never units (``3 e`` is 3e, ``5 m`` stays 5m).
+4. Equivalence: same normalised text; else plain rationals compared exactly; else a prediction
+   that is prose is compared as text only; else math-verify's LaTeX parser, under the time limit.
 """
 
 from __future__ import annotations
@@ -112,8 +140,9 @@ def compute_score(
         ``{"score": float, "acc": bool, "pred": str | None, "reason": str}``. The keys are the
         same for every call (verl stacks them across the batch into ``reward_extra_info``).
         ``reason`` is ``correct``/``wrong`` for a completed check, otherwise why the response
-        could not be checked (``no_answer``, ``answer_too_long``, ``timeout``, ...; see
-        answer_checking.CheckResult). Non-routine reasons are logged.
+        could not be checked (``no_answer``, ``unparseable_answer``, ``answer_too_long``,
+        ``timeout``, ...; see the module docstring and answer_checking.CheckResult).
+        Non-routine reasons are logged.
     """
     if reward_style not in REWARD_STYLES:
         raise ValueError(f"reward_style must be one of {sorted(REWARD_STYLES)}, got {reward_style!r}")
@@ -137,7 +166,7 @@ def compute_score(
         pred = extraction.answer
         if pred is None:
             reason = extraction.reason
-            if reason not in ("no_answer", "empty_answer", "unterminated_box"):
+            if reason not in ("no_answer", "empty_answer", "unterminated_box", "unparseable_answer"):
                 logger.warning("response not checked: %s (data_source=%r)", reason, data_source)
         else:
             result = check_equivalence(pred, gold, timeout_s=float(timeout_s))
