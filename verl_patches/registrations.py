@@ -12,6 +12,9 @@ def register_all() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from verl_patches import cpu_platform
+
+    cpu_platform.activate()  # VERL_PLATFORM=cpu only; must precede verl's first get_platform()
     # Each import below registers its components as a side effect of defining them.
     import recipe.iib_lpo.advantage  # noqa: F401  registers adv_estimator=iib_lpo
     from verl_patches.rollout_server import register_rollout_server  # rollout.name=iib_lpo_vllm

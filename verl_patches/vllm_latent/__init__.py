@@ -55,12 +55,17 @@ def register() -> None:
     """Register the latent-token architectures with vLLM (``vllm.general_plugins`` entry point).
 
     vLLM calls this in every engine and worker process. Registration is by "module:Class" string,
-    so nothing here imports torch-heavy model code; re-registration is harmless.
+    so nothing here imports torch-heavy model code; re-registration is harmless. With
+    ``VERL_PLATFORM=cpu`` it also applies ``verl_patches.vllm_cpu_weight_sync``.
     """
     from vllm import ModelRegistry
 
+    from verl_patches import vllm_cpu_weight_sync, weight_sync_probe
+
     for latent_arch in LATENT_ARCHITECTURES.values():
         ModelRegistry.register_model(latent_arch, f"{MODEL_MODULE}:{latent_arch}")
+    vllm_cpu_weight_sync.apply()  # VERL_PLATFORM=cpu only: verl's weight sync on vLLM-CPU
+    weight_sync_probe.apply()  # IIB_LPO_WEIGHT_PROBE_FILE only: fingerprints after each sync
 
 
 def _check_placeholder_token_id(placeholder_token_id: Any) -> None:

@@ -1,0 +1,126 @@
+"""One check of an I2B-LPO run's config before anything starts (no Ray, no GPU, no model load).
+
+``check_iib_lpo_config(config)`` raises ``RecipeConfigError`` listing every problem, each naming
+the key and the fix, so a bad run fails at start-up instead of at step 1. It only applies when
+``algorithm.adv_estimator=iib_lpo``; baselines launched through the same entry point skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from recipe.iib_lpo.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig
+from recipe.iib_lpo.ib import IBConfig, list_ib_estimators
+from recipe.iib_lpo.loss_terms import LossTermsConfig
+
+AGENT_LOOP_NAME = "iib_lpo_branching"
+ROLLOUT_NAME = "iib_lpo_vllm"
+# estimators whose inputs the trainer does not supply (with the reason shown to the user)
+UNSUPPORTED_ESTIMATORS = {
+    "answer_likelihood": "it needs the policy's log-probability of the gold answer after each response, an extra "
+    "forward pass the trainer does not run; use ngram, entropy or ibro",
+}
+
+
+class RecipeConfigError(ValueError):
+    """The run's config cannot work; the message lists every problem with its fix."""
+
+
+def _model_config(model_path: str) -> dict | None:
+    path = os.path.join(str(model_path), "config.json")
+    if not os.path.isfile(path):
+        return None  # a hub id: checked when the model loads
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
+    """Raise ``RecipeConfigError`` if the I2B-LPO pieces of ``config`` do not belong together.
+
+    ``check_files=False`` (``DRY_RUN=1``) skips what needs the run's files (the CVAE checkpoint,
+    the model's config.json) and checks the config alone.
+    """
+    if config.algorithm.adv_estimator != ADV_ESTIMATOR_NAME:
+        return
+    problems: list[str] = []
+    iib = OmegaConf.to_container(config.iib_lpo, resolve=True)
+    rollout = config.actor_rollout_ref.rollout
+    m, k = iib["num_initial_rollouts"], iib["num_branches"]
+    if rollout.n != m * (1 + k):
+        problems.append(
+            f"actor_rollout_ref.rollout.n={rollout.n} but iib_lpo.num_initial_rollouts={m} x (1 + "
+            f"iib_lpo.num_branches={k}) = {m * (1 + k)} sessions per prompt: set rollout.n={m * (1 + k)}"
+        )
+    if rollout.name != ROLLOUT_NAME:
+        problems.append(f"actor_rollout_ref.rollout.name={rollout.name!r}: I2B-LPO needs {ROLLOUT_NAME!r} "
+                        "(top-k log-probs for entropies, the latent token)")
+    if rollout.agent.default_agent_loop != AGENT_LOOP_NAME:
+        problems.append(f"actor_rollout_ref.rollout.agent.default_agent_loop={rollout.agent.default_agent_loop!r}: "
+                        f"I2B-LPO needs {AGENT_LOOP_NAME!r}")
+    if not rollout.calculate_log_probs:
+        problems.append("actor_rollout_ref.rollout.calculate_log_probs=False: branches carry their parent's rollout "
+                        "log-probs and rollout correction needs them; set it to True")
+    estimator = iib["ib"]["estimator"]
+    if estimator in UNSUPPORTED_ESTIMATORS:
+        problems.append(f"iib_lpo.ib.estimator={estimator!r} is not supported in training: "
+                        f"{UNSUPPORTED_ESTIMATORS[estimator]}")
+    elif estimator not in list_ib_estimators():
+        problems.append(f"iib_lpo.ib.estimator={estimator!r} is unknown; registered: {list_ib_estimators()}")
+    for name, cls, raw in (("ib", IBConfig, iib["ib"]), ("advantage", AdvantageConfig, iib["advantage"]),
+                           ("loss_terms", LossTermsConfig, iib["loss_terms"])):
+        try:
+            cls(**raw)
+        except (TypeError, ValueError) as err:
+            problems.append(f"iib_lpo.{name}: {err}")
+    if iib["loss_terms"]["lambda_reg"] > 0 and not config.actor_rollout_ref.actor.calculate_entropy:
+        problems.append("iib_lpo.loss_terms.lambda_reg > 0 needs the per-token entropy in the actor update: set "
+                        "actor_rollout_ref.actor.calculate_entropy=True")
+    reward_kwargs = dict(config.reward.get("custom_reward_function", {}).get("reward_kwargs", {}) or {})
+    if reward_kwargs.get("reward_style", "binary") != "binary":
+        problems.append(f"reward_style={reward_kwargs['reward_style']!r}: IB scores use r_v in [0, 1]; use the "
+                        "binary reward style with I2B-LPO")
+    problems += _latent_problems(config, iib, check_files)
+    if problems:
+        raise RecipeConfigError("I2B-LPO config check failed:\n  - " + "\n  - ".join(problems))
+
+
+def _latent_problems(config: Any, iib: dict, check_files: bool) -> list[str]:
+    latent = iib["latent"]
+    custom = OmegaConf.to_container(config.actor_rollout_ref.rollout.get("custom") or {}, resolve=True)
+    server = (custom or {}).get("iib_lpo") or {}
+    problems = []
+    if latent["mode"] == "none":
+        return problems
+    if not server.get("latent_injection"):
+        problems.append("iib_lpo.latent.mode=cvae but actor_rollout_ref.rollout.custom.iib_lpo.latent_injection "
+                        "is false: the engine would reject latent requests; set it true or use latent.mode=none")
+    placeholder = latent.get("placeholder_token_id")
+    if placeholder is None:
+        problems.append("iib_lpo.latent.placeholder_token_id is not set: choose an unused embedding row of the "
+                        "policy (Qwen2.5: 151665, Qwen3: 151669)")
+    elif server.get("latent_placeholder_token_id") != placeholder:
+        problems.append(f"iib_lpo.latent.placeholder_token_id={placeholder} but the server's "
+                        f"rollout.custom.iib_lpo.latent_placeholder_token_id={server.get('latent_placeholder_token_id')}: "
+                        "they must be the same id")
+    model = _model_config(config.actor_rollout_ref.model.path) if check_files else None
+    if model is not None and placeholder is not None and not 0 <= int(placeholder) < int(model["vocab_size"]):
+        problems.append(f"iib_lpo.latent.placeholder_token_id={placeholder} is outside the policy's embedding "
+                        f"table (vocab_size={model['vocab_size']})")
+    checkpoint = latent["service"].get("checkpoint_path")
+    if checkpoint is None:
+        problems.append("iib_lpo.latent.service.checkpoint_path is not set: train the CVAE first "
+                        "(python -m recipe.iib_lpo.train_cvae, run_scripts/run_cvae.sh) or use latent.mode=none")
+    elif check_files and not os.path.exists(checkpoint):
+        problems.append(f"iib_lpo.latent.service.checkpoint_path={checkpoint} does not exist")
+    elif model is not None:
+        from recipe.iib_lpo.cvae import CVAECheckpointError, load_cvae_checkpoint
+
+        try:  # the loader validates the file and compares the projector width with the policy's
+            load_cvae_checkpoint(checkpoint, expected_policy_hidden_size=int(model["hidden_size"]))
+        except CVAECheckpointError as err:
+            problems.append(f"iib_lpo.latent.service.checkpoint_path: {err}")
+    return problems

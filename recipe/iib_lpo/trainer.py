@@ -1,0 +1,249 @@
+"""verl 0.9.1's synchronous V1 trainer with the I2B-LPO step (METHOD.md steps 5-8).
+
+``IibLpoTrainer`` is ``PPOTrainerSync`` with four hooks changed; everything else (rollout,
+reward, old log-probs, rollout correction, actor update, weight sync, validation, checkpoints)
+is verl's. With ``algorithm.adv_estimator`` other than ``iib_lpo`` (the GRPO / DAPO baselines
+launched through the same entry point) it behaves exactly like ``PPOTrainerSync``.
+
+- ``_compute_advantage``: after verl's reward (and KL-in-reward / rollout correction, as the
+  base does), S_IB per trajectory, Top-N filter per fork source, the ``iib_lpo`` advantage over
+  the kept group (``ib_step.iib_lpo_step``); dropped rows get advantage 0 and zero
+  ``response_mask`` AND ``loss_mask`` (the engine's token-mean denominator is
+  ``loss_mask.sum()``), so they add nothing to the loss.
+- ``on_init_end``: installs ``loss_terms.iib_lpo_ppo_loss`` when ``iib_lpo.loss_terms.lambda_reg > 0``.
+- ``_save_checkpoint`` / ``_load_checkpoint``: the recipe's state (``recipe_state``) is saved
+  beside verl's and checked on resume, so step k+1 after a resume gets the same alpha/probability
+  schedule and seeds as without the interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from functools import partial
+from typing import Any
+
+import torch
+import transfer_queue as tq
+from tensordict import TensorDict
+from verl.protocol import DataProto
+from verl.trainer.ppo.ray_trainer import apply_kl_penalty
+from verl.trainer.ppo.rollout_corr_helper import (
+    compute_rollout_corr_metrics_from_logprobs,
+    compute_rollout_correction_and_add_to_batch,
+)
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.workers.utils.padding import response_to_nested
+
+from recipe.iib_lpo.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig, group_zscore
+from recipe.iib_lpo.ib import IBConfig, IBInputs
+from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step
+from recipe.iib_lpo.loss_terms import LossTermsConfig
+from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
+
+logger = logging.getLogger(__name__)
+
+RECIPE_STATE_FILE = "iib_lpo_state.json"
+STEP_INPUTS_FILE = "iib_lpo_step_inputs.jsonl"
+
+
+def recipe_state(config: Any, global_steps: int) -> dict:
+    """What the rollout's schedule and seeds depend on besides the step (saved with checkpoints)."""
+    iib = config.iib_lpo
+    return {
+        "global_steps": int(global_steps),
+        "latent_total_steps": iib.latent.get("total_steps"),
+        "rollout_seed": int(config.actor_rollout_ref.rollout.get("seed", 0)),
+        "sampling_seed": iib.agent_loop.get("sampling_seed"),
+        "num_initial_rollouts": int(iib.num_initial_rollouts),
+        "num_branches": int(iib.num_branches),
+    }
+
+
+def _row_kind(extra: dict) -> str:
+    if extra.get("iib_role") == "branch":
+        return ROW_RESAMPLE if extra.get("iib_is_resample") else ROW_BRANCH
+    return ROW_INITIAL
+
+
+class IibLpoTrainer(PPOTrainerSync):
+    """``PPOTrainerSync`` + the I2B-LPO step (module docstring)."""
+
+    def _iib_enabled(self) -> bool:
+        return self.config.algorithm.adv_estimator == ADV_ESTIMATOR_NAME
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def on_init_end(self):
+        super().on_init_end()
+        lambda_reg = float(self.config.iib_lpo.loss_terms.lambda_reg) if self._iib_enabled() else 0.0
+        if lambda_reg > 0:
+            from verl.utils.config import omega_conf_to_dataclass
+
+            from recipe.iib_lpo.loss_terms import iib_lpo_ppo_loss
+
+            actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
+            self.actor_rollout_wg.set_loss_fn(partial(iib_lpo_ppo_loss, actor_config, lambda_reg=lambda_reg))
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        if not self._iib_enabled():
+            return
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        with open(os.path.join(folder, RECIPE_STATE_FILE), "w") as f:
+            json.dump(recipe_state(self.config, self.global_steps), f, indent=1)
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        if not self._iib_enabled() or self.global_steps == 0:
+            return
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        path = os.path.join(folder, RECIPE_STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"resuming I2B-LPO from {folder}, which has no {RECIPE_STATE_FILE}: it was not written by this "
+                "recipe's trainer, so the latent schedule and seeds cannot be restored"
+            )
+        with open(path) as f:
+            saved = json.load(f)
+        now = recipe_state(self.config, self.global_steps)
+        if saved.get("latent_total_steps") is not None and now["latent_total_steps"] is None:
+            self.config.iib_lpo.latent.total_steps = saved["latent_total_steps"]
+            now["latent_total_steps"] = saved["latent_total_steps"]
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if changed:
+            raise ValueError(
+                f"resuming from {folder}: the recipe state differs from the checkpoint's (saved, now): {changed}. "
+                "The latent schedule and seeds would not continue the run; restore these settings."
+            )
+
+    # -- the I2B-LPO step ---------------------------------------------------------------------
+
+    def _compute_advantage(self, batch, metrics: dict):
+        if not self._iib_enabled():
+            return super()._compute_advantage(batch, metrics)
+        start = time.perf_counter()
+        fields = ["uid", "session_id", "data_source", "extra_info", "extra_fields", "responses", "response_mask",
+                  "rm_scores", "rollout_log_probs", "old_log_probs", "ref_log_prob", "entropy", "prompts"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        nested_mask = data["response_mask"]
+        rows = {key: data.pop(key).tolist() for key in ("uid", "session_id", "data_source", "extra_info", "extra_fields")}
+        prompt_lengths = [int(p.shape[0]) for p in data.pop("prompts").unbind(0)]
+        responses = [r.tolist() for r in data["responses"].unbind(0)]
+        data = DataProto(batch=data.to_padded_tensor())
+        data.batch["token_level_scores"] = data.batch["rm_scores"]
+        if self.config.algorithm.use_kl_in_reward:
+            data, kl_metrics = apply_kl_penalty(
+                data, kl_ctrl=self.kl_ctrl_in_reward, kl_penalty=self.config.algorithm.kl_penalty
+            )
+            metrics.update(kl_metrics)
+        else:
+            data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+
+        roles = [
+            RowRole(uid=str(u), session_id=int(s), parent_index=int(e.get("iib_parent_index", -1)), kind=_row_kind(e))
+            for u, s, e in zip(rows["uid"], rows["session_id"], rows["extra_fields"], strict=True)
+        ]
+        rollout_corr_config = self.config.algorithm.get("rollout_correction", None)
+        bypass = rollout_corr_config is not None and rollout_corr_config.get("bypass_mode", False)
+        if rollout_corr_config is not None and "rollout_log_probs" in data.batch and not bypass:
+            metrics.update(self._rollout_corr_by_role(data, roles))
+            data, is_metrics = compute_rollout_correction_and_add_to_batch(data, rollout_corr_config)
+            metrics.update(is_metrics)
+
+        rewards = data.batch["token_level_rewards"].sum(dim=-1).to(torch.float64)
+        if bool(((rewards < 0) | (rewards > 1)).any()):
+            raise ValueError(
+                f"I2B-LPO needs verifiable rewards r_v in [0, 1] for its IB scores; got {rewards.min():.3f}..."
+                f"{rewards.max():.3f}. Use the binary reward style (reward_style=binary) and no reward shaping."
+            )
+        iib = self.config.iib_lpo
+        ib_config = IBConfig(**dict(iib.ib))
+        adv_config = AdvantageConfig(**dict(iib.advantage))
+        mask = data.batch["response_mask"]
+        lengths = [len(r) for r in responses]
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        token_adv = self._grpo_token_advantages(rewards, roles, adv_config.eps) if ib_config.estimator == "ibro" else None
+        entropy = data.batch.get("entropy")
+        trajectories = [
+            IBInputs(
+                question=_question(rows["extra_info"][i]),
+                response=texts[i],
+                reward=float(rewards[i]),
+                num_tokens=lengths[i],
+                max_tokens=int(self.config.actor_rollout_ref.rollout.response_length),
+                token_entropies=entropy[i, : lengths[i]] if entropy is not None else None,
+                token_advantages=token_adv[i] if token_adv is not None else None,
+            )
+            for i in range(len(roles))
+        ]
+        result = iib_lpo_step(trajectories, roles, mask, ib_config, adv_config.lambda_ib, adv_config.eps)
+        data.batch["advantages"], data.batch["returns"] = result.advantages, result.returns
+        data.batch["response_mask"] = result.response_mask
+
+        out_fields = ["advantages", "returns", "response_mask"]
+        if self.config.algorithm.use_kl_in_reward:
+            out_fields.append("token_level_rewards")
+        if "rollout_is_weights" in data.batch:
+            out_fields.append("rollout_is_weights")
+        output = {name: response_to_nested(data.batch[name], nested_mask) for name in out_fields}
+        output["loss_mask"] = output["response_mask"]
+        batch = tq.kv_batch_put(
+            keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
+        )
+        metrics.update(
+            iib_lpo_step_metrics(roles, rows["extra_fields"], rewards, result.scores, result.keep, prompt_lengths, texts)
+        )
+        metrics["timing_s/iib_lpo_ib_filter_adv"] = time.perf_counter() - start
+        self._write_step_inputs(rows, roles)
+        return batch
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _grpo_token_advantages(rewards: torch.Tensor, roles: list[RowRole], eps: float) -> torch.Tensor:
+        """z(r_v) per row over its prompt group: the A of the ``ibro`` estimator's mean(A * H)."""
+        groups: dict[str, list[int]] = {}
+        for i, role in enumerate(roles):
+            groups.setdefault(role.uid, []).append(i)
+        return group_zscore(rewards, groups, [True] * len(roles), eps).to(torch.float32)
+
+    @staticmethod
+    def _rollout_corr_by_role(data: DataProto, roles: list[RowRole]) -> dict[str, float]:
+        """verl's off-policy metrics (old vs rollout log-probs) for initial and branch tokens apart."""
+        out = {}
+        for name, kinds in (("initial", (ROW_INITIAL, ROW_RESAMPLE)), ("branch", (ROW_BRANCH,))):
+            rows = [i for i, r in enumerate(roles) if r.kind in kinds]
+            if not rows:
+                continue
+            idx = torch.tensor(rows)
+            sub = compute_rollout_corr_metrics_from_logprobs(
+                data.batch["old_log_probs"][idx], data.batch["rollout_log_probs"][idx],
+                data.batch["response_mask"][idx],
+            )
+            out.update({f"iib_lpo/{name}_{k.split('/', 1)[1]}": v for k, v in sub.items()})
+        return out
+
+    def _write_step_inputs(self, rows: dict, roles: list[RowRole]) -> None:
+        """One JSON line per step: the prompts, their seed keys and the latent schedule at this step."""
+        from recipe.iib_lpo.agent_loop import prompt_seed_key
+
+        keys = sorted({prompt_seed_key({"uid": u, "data_source": d, "extra_info": x})
+                       for u, d, x in zip(rows["uid"], rows["data_source"], rows["extra_info"], strict=True)})
+        probs = sorted({float(e.get("iib_latent_prob", float("nan"))) for e in rows["extra_fields"]
+                        if e.get("iib_role") == "branch"})
+        record = {"global_steps": int(self.global_steps), "prompt_keys": keys, "latent_prob": probs,
+                  "state": recipe_state(self.config, self.global_steps)}
+        os.makedirs(self.config.trainer.default_local_dir, exist_ok=True)
+        with open(os.path.join(self.config.trainer.default_local_dir, STEP_INPUTS_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _question(extra_info: Any) -> str:
+    question = extra_info.get("question") if isinstance(extra_info, dict) else None
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("I2B-LPO's IB scores need the problem text in extra_info.question (data_prep writes it)")
+    return question
+
