@@ -9,8 +9,10 @@ serves every test here:
 - tier 1: BranchingAgentLoop constructed in a coroutine of this process with verl's real
   LLMServerClient (exceptions surface here): branching, masks, log-prob alignment, sticky
   routing measured as prefix-cache hits, the latent path end to end (continuation log-probs ==
-  recipe.iib_lpo.latent_reference with that latent; the server bans the in-vocabulary latent
-  placeholder from sampling, so the reference is renormalised without it), the real
+  recipe.iib_lpo.latent_reference with that latent == a plain transformers forward pass with the
+  latent row spliced in by hand, and != the same continuation without the latent; the server
+  bans the in-vocabulary latent placeholder from sampling, so both are renormalised without
+  it), the real
   LatentSampler inside the per-trainer Ray actor, determinism under a seed, many prompts
   concurrently;
 - tier 2: AgentLoopManagerTQ (our IibLpoAgentLoopManagerTQ subclass) with TransferQueue,
@@ -68,7 +70,8 @@ def _iib_config(mode="cvae", seed=7):
         "latent": {
             "mode": mode,
             "placeholder_token_id": PLACEHOLDER,
-            "alpha": {"schedule": "constant", "alpha_init": 1.0, "alpha_min": 0.0},
+            # every forked branch gets its latent (p_inject = 1), at embedding scale 1
+            "schedule": {"kind": "constant", "p_init": 1.0, "p_min": 1.0, "scale": 1.0},
             "service": {"backend": "in_process", "max_wait_ms": 20},
         },
         # a fixed per-request seed keeps the tiny random policy's samples (and so this test) reproducible
@@ -147,6 +150,24 @@ def _reference_logprobs(model, context_ids, continuation_ids, latent, banned=(PL
     return log_probs.gather(-1, torch.tensor(continuation_ids)[:, None]).squeeze(-1)
 
 
+def _plain_forward_logprobs(model, context_ids, continuation_ids, latent, banned=(PLACEHOLDER,)):
+    """The same log-probs written out with plain transformers, independently of latent_reference:
+    the model's own embedding rows for context and continuation with ``latent`` spliced in as
+    one row between them (none if ``latent`` is None), one forward pass with transformers'
+    default position ids, banned tokens masked, log_softmax, gather."""
+    table = model.get_input_embeddings()
+    rows = [table(torch.tensor(context_ids))]
+    if latent is not None:
+        rows.append(latent.to(rows[0].dtype).reshape(1, -1))
+    rows.append(table(torch.tensor(continuation_ids)))
+    with torch.no_grad():
+        logits = model(inputs_embeds=torch.cat(rows)[None]).logits[0].float()
+    first = sum(r.shape[0] for r in rows[:-1])  # position of the first continuation token
+    logits = logits[first - 1 : first - 1 + len(continuation_ids)].clone()  # position p predicts p + 1
+    logits[:, list(banned)] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)[torch.arange(len(continuation_ids)), torch.tensor(continuation_ids)]
+
+
 def _with_iib(config, iib):
     """A copy of the trainer config with the whole iib_lpo group replaced (new keys allowed)."""
     import copy
@@ -160,8 +181,9 @@ def _with_iib(config, iib):
 
 
 def _loop_kwargs(uid, index, question=QUESTION):
-    return dict(raw_prompt=[{"role": "user", "content": question}], extra_info={"question": question},
-                uid=uid, global_steps=1, index=index)
+    # the row fields the loop keys its seeds on (data_source, extra_info.index), as data_prep writes them
+    return dict(raw_prompt=[{"role": "user", "content": question}], data_source="demo_arith",
+                extra_info={"question": question, "index": index}, uid=uid, global_steps=1, index=index)
 
 
 async def _run_groups(config, client, tokenizer, num_prompts, sampler=None, tag="p"):
@@ -210,7 +232,6 @@ def test_server_topk_logprobs_match_transformers(cluster, hf_model):
 
 @pytest.mark.timeout(900)
 def test_tier1_branching_latent_cache_and_alignment(cluster, tokenizer, hf_model):
-    from recipe.iib_lpo.latent_reference import score_continuation
     from recipe.iib_lpo.latent_sampler import build_condition_text
 
     config, manager = cluster
@@ -242,13 +263,17 @@ def test_tier1_branching_latent_cache_and_alignment(cluster, tokenizer, hf_model
                 latent = sampler.by_text[condition][k]
                 assert math.isclose(ef["iib_latent_norm"], float(latent.norm()), rel_tol=1e-5)
                 context, continuation = prompt_ids + parent.response_ids[:t], branch.response_ids[t:]
+                engine = np.asarray(branch.response_logprobs[t:])
                 ref = _reference_logprobs(hf_model, context, continuation, latent)
-                np.testing.assert_allclose(branch.response_logprobs[t:], ref.numpy(), atol=2e-4)
-                if p == i == k == 0:  # the helper is the reference implementation, up to the mask
-                    with torch.no_grad():
-                        plain = score_continuation(hf_model, context, continuation, latent)
-                    torch.testing.assert_close(_reference_logprobs(hf_model, context, continuation, latent, banned=()),
-                                               plain, atol=1e-5, rtol=0)
+                np.testing.assert_allclose(engine, ref.numpy(), atol=2e-4)
+                # Independently of latent_reference: the hand-spliced forward pass gives the same.
+                plain = _plain_forward_logprobs(hf_model, context, continuation, latent)
+                np.testing.assert_allclose(engine, plain.numpy(), atol=2e-4)
+                torch.testing.assert_close(ref, plain, atol=1e-5, rtol=0)
+                # ...and the latent matters: without it the same tokens score differently (so the
+                # comparisons above could not pass with the latent dropped by the engine).
+                without = _plain_forward_logprobs(hf_model, context, continuation, None)
+                assert np.abs(engine - without.numpy()).max() > 0.05
                 assert PLACEHOLDER not in branch.response_ids  # banned from sampling
                 # Sticky routing: full 128-token blocks of prompt + prefix come from the parent's replica.
                 full_blocks = (len(prompt_ids) + t) // 128 * 128
@@ -336,7 +361,8 @@ def test_tier2_agent_loop_manager_tq(cluster, tiny_qwen2_dir, cvae_checkpoint):
             "raw_prompt": [[{"role": "user", "content": f"{i}: {QUESTION}"}] for i in range(2)],
             "uid": np.array(uids, dtype=object),
             "index": np.arange(2),
-            "extra_info": [{"question": f"{i}: {QUESTION}"} for i in range(2)],
+            "data_source": np.array(["demo_arith"] * 2, dtype=object),
+            "extra_info": [{"question": f"{i}: {QUESTION}", "index": i} for i in range(2)],
         })
         tu.assign_non_tensor_data(batch, "global_steps", 1)
         tq.kv_batch_put(keys=uids, partition_id="train",
@@ -370,7 +396,7 @@ def test_tier2_agent_loop_manager_tq(cluster, tiny_qwen2_dir, cvae_checkpoint):
                 assert torch.equal(responses[r][:t], responses[parent][:t])
                 assert masks[r][:t].sum() == 0 and bool(masks[r][t:].all())
                 assert ef["iib_num_cached_tokens"] >= 128
-                assert ef["iib_alpha"] == 1.0 and ef["iib_latent_norm"] > 0
+                assert ef["iib_latent_scale"] == 1.0 and ef["iib_latent_prob"] == 1.0 and ef["iib_latent_norm"] > 0
         print(f"\n[e2e] tier 2: 2 prompts x {n} sessions through TransferQueue in {elapsed:.1f} s")
 
         # Validation batches go to the plain agent loop (val_kwargs.n sessions, no branching).

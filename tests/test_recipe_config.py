@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 
 import recipe.iib_lpo as recipe_pkg
 from recipe.iib_lpo.advantage import AdvantageConfig
+from recipe.iib_lpo import agent_loop as agent_loop_module
 from recipe.iib_lpo.agent_loop import BranchingRolloutConfig
-from recipe.iib_lpo.alpha_schedule import AlphaSchedule
+from recipe.iib_lpo.alpha_schedule import LatentSchedule
 from recipe.iib_lpo.branching import BranchingConfig
 from recipe.iib_lpo.ib import IBConfig
 from recipe.iib_lpo.latent_service import LatentServiceConfig
@@ -33,7 +34,7 @@ def _defaults(dataclass_obj) -> dict:
     "path, expected",
     [
         (("branching",), BranchingConfig()),
-        (("latent", "alpha"), AlphaSchedule()),
+        (("latent", "schedule"), LatentSchedule()),
         (("latent", "service"), LatentServiceConfig()),
         (("ib",), IBConfig()),
         (("advantage",), AdvantageConfig()),
@@ -55,6 +56,11 @@ def test_layout_and_agent_loop_values_equal_rollout_defaults(group):
     assert group["num_initial_rollouts"] == defaults.num_initial
     assert group["num_branches"] == defaults.num_branches
     assert group["latent"]["mode"] == defaults.latent_mode
+    assert group["latent"]["placeholder_token_id"] == defaults.placeholder_token_id
+    assert group["latent"]["total_steps"] == defaults.total_steps
+    # every latent / agent_loop key the YAML documents is one the parser accepts, and vice versa
+    assert set(group["latent"]) == set(agent_loop_module.LATENT_KEYS)
+    assert set(group["agent_loop"]) == set(agent_loop_module.AGENT_LOOP_KEYS)
     assert group["agent_loop"] == {
         "parent_wait_timeout_s": defaults.parent_wait_timeout_s,
         "sampling_seed": defaults.sampling_seed,
@@ -69,10 +75,21 @@ def test_agent_loop_parses_the_yaml_as_a_trainer_config_group():
     )
     parsed = BranchingRolloutConfig.from_trainer_config(config)
     assert (parsed.num_initial, parsed.num_branches, parsed.placeholder_token_id) == (2, 3, 151665)
-    assert parsed.alpha == AlphaSchedule() and parsed.branching == BranchingConfig()
+    assert parsed.schedule == LatentSchedule() and parsed.branching == BranchingConfig()
     assert parsed.total_steps == 100
-    # cosine schedule from 1.0 to 0.1 over 100 steps: alpha at verl's global step 51 (step 50) = 0.55.
-    assert parsed.alpha_at(51) == pytest.approx(0.1 + 0.9 * 0.5)
+    # cosine schedule from 1.0 to 0.1 over 100 steps: p_inject at verl's global step 51 (step 50) = 0.55.
+    assert parsed.latent_probability(51) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert parsed.latent_probability(1) == 1.0 and parsed.schedule.scale == 1.0
+
+
+def test_a_stale_alpha_block_or_unknown_key_is_refused_not_ignored():
+    base = {"trainer": {"total_training_steps": 10}}
+    stale = {"iib_lpo": {"latent": {"placeholder_token_id": 3, "alpha": {"schedule": "cosine"}}}}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['alpha'\] in iib_lpo.latent.*latent.schedule.scale"):
+        BranchingRolloutConfig.from_trainer_config(OmegaConf.merge(OmegaConf.load(YAML_PATH), stale, base))
+    typo = {"iib_lpo": {"latent": {"placeholder_token_id": 3}, "agent_loop": {"sampling_sed": 1}}}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['sampling_sed'\] in iib_lpo.agent_loop"):
+        BranchingRolloutConfig.from_trainer_config(OmegaConf.merge(OmegaConf.load(YAML_PATH), typo, base))
 
 
 def test_the_yaml_fails_loudly_without_a_placeholder_for_cvae_latents():

@@ -15,27 +15,53 @@ per-token entropy of the sampling distribution from them
 (``entropy.estimate_entropy_from_topk``), picks the fork point t* (``branching``), and publishes
 the result in a per-prompt registry in the worker's event loop. A branch session waits only for
 its own parent (no barrier across prompts or parents), then continues ``prompt + r_i[:t*]``
-(+ one latent token with embedding alpha * P(z)) with the parent's request id, so verl's sticky
-router sends it to the parent's replica and the shared prefix comes from that replica's prefix
-cache. Latents come from the batched latent service (``latent_service``): condition text =
-question + decoded prefix (``latent_sampler.build_condition_text``), K draws per fork point in
-one request made by the first branch of that parent.
+(+ one latent token with embedding scale * P(z), with probability p_inject(step), see below)
+with the parent's request id, so verl's sticky router sends it to the parent's replica and the
+shared prefix comes from that replica's prefix cache. Latents come from the batched latent
+service (``latent_service``): condition text = question + decoded prefix
+(``latent_sampler.build_condition_text``), K draws per fork point in one request made by the
+first branch of that parent that needs a latent.
+
+Latent schedule ("dynamic decay", ``alpha_schedule.LatentSchedule``): at verl's global step g
+each forked branch gets the latent token with probability p = p_inject(g - 1) (a Bernoulli
+draw on its own seed, ``draw_latent_injection``); otherwise it is a plain resample from t*
+(latent status "skipped_by_schedule"). The embedding scale is the constant
+``latent.schedule.scale``. Branch k uses latent draw k of its parent whether or not its
+siblings were skipped.
 
 Branch trajectory = r_i[:t*] + continuation; prefix tokens have response_mask 0 (trained
 through the parent), continuation tokens 1; rollout log-probs are aligned token by token
 (prefix positions carry the parent's log-probs). The latent token itself is not part of the
 trajectory: the actor recomputes log-probs without z (METHOD.md step 8).
 
+Parents too short to fork (empty candidate window, ``fork_reason="too_short"``): each of their K
+branch sessions is a plain resample FROM THE PROMPT (a full, independent response, mask 1
+everywhere, no latent), flagged ``iib_is_resample=True``. They are not branches of anything, so
+the IB filter must treat them like initial rollouts: always kept, never ranked in a parent's
+Top-N (competing there would rank full responses against forks). Every other trajectory has
+``iib_is_resample=False``.
+
 Failure handling: a parent that raises or produces no usable output releases its branches with
 ``ParentRolloutError`` (verl then marks the prompt ``failure``); a branch waits at most
-``parent_wait_timeout_s``. A parent too short to fork (empty candidate window) still gets K
-well-formed branches: plain resamples from the prompt, flagged ``fork_reason="too_short"``.
+``parent_wait_timeout_s``.
+
+Seeds: every random choice of a prompt's sessions is keyed on ``prompt_seed_key(kwargs)`` =
+(``data_source``, ``extra_info.index``) -- what data_prep writes and verl's RLHFDataset passes
+through to ``run()`` -- plus verl's global step, parent and branch (``session_seeds``). The
+dataset index alone repeats across the files of a mixed dataset (each starts at 0), and verl
+replaces a missing ``extra_info.index`` with 0, so a row without either field is refused (a
+``ValueError`` naming the row's uid and the field). Fork points, latent draws and the latent
+schedule's draws use ``actor_rollout_ref.rollout.seed`` as the root; vLLM's token sampling uses
+``agent_loop.sampling_seed`` (see below).
 
 Per-trajectory ``extra_fields``: iib_role ("initial"/"branch"), iib_parent_index,
 iib_branch_index (-1 for initial), iib_fork_position (t*, -1 if none), iib_fork_entropy
-(NaN if none), iib_fork_reason, iib_alpha, iib_latent_norm (NaN without latent),
-iib_latent_status ("injected" / "disabled" / "placeholder_in_context" / "no_fork"),
-iib_prefix_length, iib_generated_length, iib_num_cached_tokens, iib_mean_entropy (initial).
+(NaN if none), iib_fork_reason, iib_is_resample (bool, see above), iib_latent_prob (float:
+p_inject at this step for a forked branch with ``latent.mode=cvae``, else 0.0),
+iib_latent_scale (scale of the injected latent, 0.0 without one), iib_latent_norm (NaN without
+latent), iib_latent_status ("injected" / "skipped_by_schedule" / "disabled" /
+"placeholder_in_context" / "no_fork"), iib_prefix_length, iib_generated_length,
+iib_num_cached_tokens, iib_mean_entropy (initial).
 
 Config (all under the recipe's top-level ``iib_lpo`` group; defaults in brackets):
 - ``num_initial_rollouts`` M [2], ``num_branches`` K [3] (the authors' parity setting:
@@ -44,15 +70,20 @@ Config (all under the recipe's top-level ``iib_lpo`` group; defaults in brackets
 - ``entropy.top_k`` [20]: k of the top-k log-probs (METHOD.md: k >= 20); ``entropy.source``
   must be "topk" here (exact logits are not available from the rollout engine).
 - ``latent.mode`` ["cvae"; "none" = fork and resample without z, the honest ablation],
-  ``latent.placeholder_token_id`` (required for cvae), ``latent.alpha.{schedule,alpha_init,
-  alpha_min,decay_rate}``: ``alpha_schedule.AlphaSchedule``, evaluated at the batch's
+  ``latent.placeholder_token_id`` (required for cvae), ``latent.schedule.{kind,p_init,p_min,
+  decay_rate,scale}``: ``alpha_schedule.LatentSchedule``, evaluated at the batch's
   ``global_steps`` (verl passes it to every session) over ``latent.total_steps`` (default:
-  ``trainer.total_training_steps``; a constant schedule needs neither).
-  ``latent.service.*``: ``latent_service.LatentServiceConfig``.
+  ``trainer.total_training_steps``; only linear and cosine need it).
+  ``latent.service.*``: ``latent_service.LatentServiceConfig``. Unknown keys in ``latent`` and
+  ``agent_loop`` are refused (a stale ``latent.alpha`` block would otherwise be ignored).
 - ``agent_loop.parent_wait_timeout_s`` [1800]: how long a branch waits for its parent.
-- ``agent_loop.sampling_seed`` [null]: if set, every request gets a vLLM per-request seed
-  derived from (seed, global_steps, dataset index, session), so a rollout is reproducible
-  independently of batching; fork points are always drawn from a generator seeded the same way.
+- ``agent_loop.sampling_seed`` [null]: null sends no per-request seed: vLLM samples tokens from
+  its engine generator (seeded with ``rollout.seed`` + replica rank at start; the draws depend on
+  batching and timing). Caveat: with ``rollout.full_determinism=true`` verl's server then sets
+  the same seed (``rollout.seed`` + replica rank) on every request, so a parent's branches share
+  random numbers; use an int here instead. An int gives every request a vLLM per-request seed
+  derived from (sampling_seed, global_steps, prompt_seed_key, session), so each trajectory is
+  reproducible independently of batching.
 - ``agent_loop.validation_agent_loop`` ["single_turn_agent"]: validation prompts are sent to this
   agent loop by ``IibLpoAgentLoopManagerTQ`` (an agent loop cannot tell validation from
   training: verl drops the flag before calling it).
@@ -67,11 +98,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import os
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +115,7 @@ import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
 from verl.utils.profiler import simple_timer
 
-from recipe.iib_lpo.alpha_schedule import AlphaSchedule, latent_token_enabled
+from recipe.iib_lpo.alpha_schedule import LatentSchedule, draw_latent_injection
 from recipe.iib_lpo.branching import FORK_OK, BranchingConfig, ForkDecision, choose_fork_position
 from recipe.iib_lpo.entropy import EntropyConfig, estimate_entropy_from_topk
 from recipe.iib_lpo.latent_service import LatentServiceConfig, get_latent_service_client
@@ -98,7 +131,8 @@ ROLE_BRANCH = "branch"
 FORK_REASON_NO_BRANCHES = "not_a_parent"
 # iib_latent_status of a trajectory
 LATENT_INJECTED = "injected"  # a branch continued after the latent token
-LATENT_DISABLED = "disabled"  # a branch forked without latent: latent.mode=none or alpha == 0
+LATENT_SKIPPED_BY_SCHEDULE = "skipped_by_schedule"  # forked; the schedule's draw said no latent
+LATENT_DISABLED = "disabled"  # a branch forked without latent: latent.mode=none
 LATENT_PLACEHOLDER_IN_CONTEXT = "placeholder_in_context"  # forked without latent (see _run_branch)
 LATENT_NO_FORK = "no_fork"  # initial rollouts, and branches of a parent too short to fork
 
@@ -186,6 +220,71 @@ def derived_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def prompt_seed_key(kwargs: Mapping[str, Any]) -> str:
+    """The per-prompt part of every seed: JSON ``[data_source, extra_info.index]``.
+
+    Both fields come from the dataset row (data_prep writes them; verl's RLHFDataset passes the
+    row's columns to ``run()`` as kwargs). ``extra_info.index`` alone repeats across the files of
+    a mixed dataset, and verl's top-level ``index`` kwarg is 0 when ``extra_info.index`` is
+    missing, so neither is used alone and ``kwargs["index"]`` is not used at all.
+
+    Raises:
+        ValueError: naming the row's uid and the missing or malformed field: ``data_source``
+            (not a non-empty str) or ``extra_info.index`` (absent, or not an int / non-empty str).
+    """
+    uid = kwargs.get("uid", "<no uid>")
+    data_source = kwargs.get("data_source")
+    if not isinstance(data_source, str) or not data_source:
+        raise ValueError(
+            f"prompt uid={uid}: the row's 'data_source' is {data_source!r}; {AGENT_NAME} keys its fork, latent and "
+            "sampling seeds on (data_source, extra_info.index) and needs both (data_prep.prepare writes them)"
+        )
+    extra_info = kwargs.get("extra_info")
+    index = extra_info.get("index") if isinstance(extra_info, Mapping) else None
+    if isinstance(index, bool) or not (isinstance(index, (int, np.integer)) or (isinstance(index, str) and index)):
+        raise ValueError(
+            f"prompt uid={uid} (data_source={data_source!r}): the row's 'extra_info.index' is {index!r}; "
+            f"{AGENT_NAME} keys its fork, latent and sampling seeds on (data_source, extra_info.index) and needs "
+            "an int or non-empty str there (data_prep.prepare writes the row's position in its source)"
+        )
+    return json.dumps([data_source, index if isinstance(index, str) else int(index)])
+
+
+@dataclass(frozen=True)
+class SessionSeeds:
+    """The seeds one session uses (all 63-bit ints from ``derived_seed``).
+
+    fork: the parent's fork-point draw; latent: its K latent draws (one latent-service request);
+    inject: this branch's latent-schedule draw (None for an initial rollout); sampling: the vLLM
+    per-request seed (None unless ``agent_loop.sampling_seed`` is set).
+    """
+
+    fork: int
+    latent: int
+    inject: int | None
+    sampling: int | None
+
+
+def session_seeds(
+    seed_key: str, global_steps: Any, role: SessionRole, rollout_seed: int, sampling_seed: int | None
+) -> SessionSeeds:
+    """Seeds of one session from the prompt's ``prompt_seed_key``, the step and the session's role.
+
+    fork / latent depend on the parent only (its branches share them); inject and sampling are
+    per branch. ``rollout_seed`` is ``actor_rollout_ref.rollout.seed``.
+    """
+    parent = role.parent_index
+    branch_parts = () if role.role == ROLE_INITIAL else (role.branch_index,)
+    return SessionSeeds(
+        fork=derived_seed(rollout_seed, global_steps, seed_key, "fork", parent),
+        latent=derived_seed(rollout_seed, global_steps, seed_key, "latent", parent),
+        inject=None if role.role == ROLE_INITIAL else derived_seed(rollout_seed, global_steps, seed_key, "inject",
+                                                                    parent, role.branch_index),
+        sampling=None if sampling_seed is None else derived_seed(sampling_seed, global_steps, seed_key, parent,
+                                                                 *branch_parts),
+    )
+
+
 def entropies_from_topk(topk_logprobs: Any, vocab_size: int) -> torch.Tensor:
     """Per-token entropy estimates [T] from the server's [T, k] top-k log-probs."""
     topk = torch.tensor(np.asarray(topk_logprobs), dtype=torch.float32)  # a copy: Ray arrays are read-only
@@ -201,6 +300,21 @@ def entropies_from_topk(topk_logprobs: Any, vocab_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+LATENT_KEYS = ("mode", "placeholder_token_id", "total_steps", "schedule", "service")
+AGENT_LOOP_KEYS = ("parent_wait_timeout_s", "sampling_seed", "validation_agent_loop")
+
+
+def _refuse_unknown_keys(group: str, raw: dict, known: tuple[str, ...]) -> None:
+    unknown = sorted(set(raw) - set(known))
+    if not unknown:
+        return
+    hint = ""
+    if group == "latent" and "alpha" in unknown:
+        hint = (" (latent.alpha was replaced: latent.schedule.{kind,p_init,p_min,decay_rate} now schedule the "
+                "probability that a branch gets a latent, latent.schedule.scale is the constant embedding scale)")
+    raise ValueError(f"unknown key(s) {unknown} in iib_lpo.{group}; known: {list(known)}{hint}")
+
+
 @dataclass(frozen=True)
 class BranchingRolloutConfig:
     num_initial: int = 2
@@ -209,7 +323,7 @@ class BranchingRolloutConfig:
     entropy: EntropyConfig = field(default_factory=lambda: EntropyConfig(source="topk", top_k=20))
     latent_mode: str = "cvae"
     placeholder_token_id: int | None = None
-    alpha: AlphaSchedule = field(default_factory=AlphaSchedule)
+    schedule: LatentSchedule = field(default_factory=LatentSchedule)
     total_steps: int | None = None
     service: LatentServiceConfig = field(default_factory=LatentServiceConfig)
     parent_wait_timeout_s: float = 1800.0
@@ -224,6 +338,8 @@ class BranchingRolloutConfig:
         raw = OmegaConf.to_container(raw, resolve=True) if raw is not None and not isinstance(raw, dict) else dict(raw or {})
         latent = dict(raw.get("latent") or {})
         agent = dict(raw.get("agent_loop") or {})
+        _refuse_unknown_keys("latent", latent, LATENT_KEYS)
+        _refuse_unknown_keys("agent_loop", agent, AGENT_LOOP_KEYS)
         entropy = dict(raw.get("entropy") or {})
         entropy.setdefault("source", "topk")
         rounds = int(dict(raw.get("ib") or {}).get("rounds", 1))
@@ -243,11 +359,11 @@ class BranchingRolloutConfig:
             entropy=EntropyConfig(**entropy),
             latent_mode=str(latent.get("mode", "cvae")),
             placeholder_token_id=latent.get("placeholder_token_id"),
-            alpha=AlphaSchedule(**dict(latent.get("alpha") or {})),
+            schedule=LatentSchedule(**dict(latent.get("schedule") or {})),
             total_steps=None if total_steps is None else int(total_steps),
             service=LatentServiceConfig.from_dict(latent.get("service")),
             parent_wait_timeout_s=float(agent.get("parent_wait_timeout_s", 1800.0)),
-            sampling_seed=agent.get("sampling_seed"),
+            sampling_seed=None if agent.get("sampling_seed") is None else int(agent["sampling_seed"]),
             validation_agent_loop=str(agent.get("validation_agent_loop", "single_turn_agent")),
         )
         out.validate()
@@ -266,19 +382,17 @@ class BranchingRolloutConfig:
         if not self.parent_wait_timeout_s > 0:
             raise ValueError(f"iib_lpo.agent_loop.parent_wait_timeout_s must be > 0, got {self.parent_wait_timeout_s}")
 
-    def alpha_at(self, global_step: Any) -> float:
-        """alpha of the latent schedule at verl's global step (0 with latent.mode=none)."""
+    def latent_probability(self, global_step: Any) -> float:
+        """p_inject of the latent schedule at verl's (1-based) global step; 0 with latent.mode=none."""
         if self.latent_mode == "none":
             return 0.0
-        if self.alpha.schedule == "constant":
-            return float(self.alpha.alpha_init)
-        if self.total_steps is None:
+        if self.schedule.needs_total_steps and self.total_steps is None:
             raise ValueError(
-                f"alpha schedule {self.alpha.schedule!r} needs the number of training steps: set "
+                f"latent schedule kind {self.schedule.kind!r} needs the number of training steps: set "
                 "iib_lpo.latent.total_steps or trainer.total_training_steps"
             )
-        step = max(0, int(global_step) - 1) if global_step is not None and int(global_step) >= 0 else 0
-        return self.alpha.alpha(step, self.total_steps)
+        step = max(0, int(global_step) - 1) if global_step is not None else 0
+        return self.schedule.p_inject(step, self.total_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +503,8 @@ class BranchingAgentLoop(AgentLoopBase):
         session_id = int(kwargs["session_id"])
         role = session_role(session_id, cfg.num_initial, cfg.num_branches)
         global_steps = kwargs.get("global_steps")
+        seeds = session_seeds(prompt_seed_key(kwargs), global_steps, role, int(self.rollout_config.seed),
+                              cfg.sampling_seed)
         key = (str(kwargs["uid"]), str(global_steps))
         total_sessions = cfg.num_initial * (1 + cfg.num_branches)
         registry = group_registry()
@@ -396,8 +512,8 @@ class BranchingAgentLoop(AgentLoopBase):
         try:
             prompt_ids = await self._build_prompt_ids(kwargs)
             if role.role == ROLE_INITIAL:
-                return await self._run_initial(group, role, prompt_ids, sampling_params, kwargs)
-            return await self._run_branch(group, role, prompt_ids, sampling_params, kwargs)
+                return await self._run_initial(group, role, seeds, prompt_ids, sampling_params, kwargs)
+            return await self._run_branch(group, role, seeds, prompt_ids, sampling_params, kwargs)
         except BaseException as err:
             # Whatever failed in a parent session, its branches must not wait for it.
             future = group.parents[role.parent_index]
@@ -415,11 +531,6 @@ class BranchingAgentLoop(AgentLoopBase):
         messages = list(kwargs["raw_prompt"])
         self._assert_mm_supported(bool(await self.process_multi_modal_info(messages)))
         return await self.ct_build_initial_tokens(messages)
-
-    def _request_seed(self, kwargs: dict, *parts: Any) -> int | None:
-        if self.iib.sampling_seed is None:
-            return None
-        return derived_seed(self.iib.sampling_seed, kwargs.get("global_steps"), kwargs.get("index"), *parts)
 
     def _sampling_params(self, sampling_params: dict, max_tokens: int, seed: int | None) -> dict:
         params = dict(sampling_params)
@@ -450,7 +561,9 @@ class BranchingAgentLoop(AgentLoopBase):
 
     # -- initial rollout ----------------------------------------------------------------------
 
-    async def _run_initial(self, group, role, prompt_ids, sampling_params, kwargs) -> AgentLoopOutput:
+    async def _run_initial(
+        self, group, role, seeds: SessionSeeds, prompt_ids, sampling_params, kwargs
+    ) -> AgentLoopOutput:
         cfg = self.iib
         future = group.parents[role.parent_index]
         # (a failure here is published to this parent's branches by run())
@@ -460,9 +573,7 @@ class BranchingAgentLoop(AgentLoopBase):
             out = await self.server_manager.generate(
                 request_id=request_id,
                 prompt_ids=prompt_ids,
-                sampling_params=self._sampling_params(
-                    sampling_params, self.response_length, self._request_seed(kwargs, role.parent_index)
-                ),
+                sampling_params=self._sampling_params(sampling_params, self.response_length, seeds.sampling),
                 num_topk_logprobs=cfg.entropy.top_k,
             )
         if out.stop_reason == "aborted" and not out.token_ids:
@@ -478,10 +589,8 @@ class BranchingAgentLoop(AgentLoopBase):
         entropies = entropies_from_topk(topk, self.vocab_size)[: len(response_ids)]
         if entropies.shape[0] != len(response_ids):
             raise RuntimeError(f"{entropies.shape[0]} entropies for {len(response_ids)} response tokens")
-        fork_seed = derived_seed(self.rollout_config.seed, kwargs.get("global_steps"), kwargs.get("index"),
-                                 "fork", role.parent_index)
         decision = choose_fork_position(
-            entropies, cfg.branching, seed=fork_seed if cfg.branching.strategy == "uniform" else None
+            entropies, cfg.branching, seed=seeds.fork if cfg.branching.strategy == "uniform" else None
         )
         if decision.reason != FORK_OK:
             logger.info("parent %d of %s not forked: %s (%d tokens)", role.parent_index, kwargs["uid"],
@@ -507,7 +616,9 @@ class BranchingAgentLoop(AgentLoopBase):
             "iib_fork_position": decision.position if decision.position is not None else -1,
             "iib_fork_entropy": decision.entropy if decision.entropy is not None else math.nan,
             "iib_fork_reason": decision.reason if cfg.num_branches > 0 else FORK_REASON_NO_BRANCHES,
-            "iib_alpha": 0.0,
+            "iib_is_resample": False,
+            "iib_latent_prob": 0.0,
+            "iib_latent_scale": 0.0,
             "iib_latent_norm": math.nan,
             "iib_latent_status": LATENT_NO_FORK,
             "iib_prefix_length": 0,
@@ -519,7 +630,7 @@ class BranchingAgentLoop(AgentLoopBase):
 
     # -- branch -------------------------------------------------------------------------------
 
-    async def _latents_for_parent(self, group, parent_index: int, parent: ParentResult, alpha: float, kwargs):
+    async def _latents_for_parent(self, group, parent_index: int, parent: ParentResult, seed: int, kwargs):
         """The K latents of one fork point: requested once (by the first branch that needs them)."""
         task = group.latents.get(parent_index)
         if task is None:
@@ -529,13 +640,13 @@ class BranchingAgentLoop(AgentLoopBase):
 
             condition = build_condition_text(question, prefix_text)
             client = get_latent_service_client(self.iib.service, sampler_factory=type(self).sampler_factory)
-            seed = derived_seed(self.rollout_config.seed, kwargs.get("global_steps"), kwargs.get("index"),
-                                "latent", parent_index)
-            task = asyncio.ensure_future(client.sample(condition, self.iib.num_branches, alpha, seed))
+            task = asyncio.ensure_future(client.sample(condition, self.iib.num_branches, self.iib.schedule.scale, seed))
             group.latents[parent_index] = task
         return await asyncio.shield(task)
 
-    async def _run_branch(self, group, role, prompt_ids, sampling_params, kwargs) -> AgentLoopOutput:
+    async def _run_branch(
+        self, group, role, seeds: SessionSeeds, prompt_ids, sampling_params, kwargs
+    ) -> AgentLoopOutput:
         cfg = self.iib
         try:
             parent: ParentResult = await asyncio.wait_for(
@@ -548,26 +659,29 @@ class BranchingAgentLoop(AgentLoopBase):
             ) from None
         decision = parent.decision
         metrics: dict[str, Any] = {}
-        alpha, latent_norm, image_data = 0.0, math.nan, None
+        scale, latent_prob, latent_norm, image_data = 0.0, 0.0, math.nan, None
         latent_status = LATENT_NO_FORK
         if not decision.should_fork:
-            # Too short to fork: a plain resample from the prompt, flagged.
+            # Too short to fork: a plain resample from the prompt (iib_is_resample, module docstring).
             fork_position, engine_prompt = 0, list(prompt_ids)
         else:
             fork_position = decision.position
             engine_prompt = list(prompt_ids) + list(parent.response_ids[:fork_position])
-            alpha = cfg.alpha_at(kwargs.get("global_steps"))
-            latent_status = LATENT_DISABLED
-            if latent_token_enabled(alpha) and int(cfg.placeholder_token_id) in engine_prompt:
+            latent_prob = cfg.latent_probability(kwargs.get("global_steps"))
+            if cfg.latent_mode == "none":
+                latent_status = LATENT_DISABLED
+            elif not draw_latent_injection(latent_prob, seeds.inject):
+                latent_status = LATENT_SKIPPED_BY_SCHEDULE
+            elif int(cfg.placeholder_token_id) in engine_prompt:
                 # The placeholder marks the latent's position, so it cannot also occur as text
                 # (only possible when it is an in-vocabulary token the policy can emit).
                 logger.warning("branch %d/%d of %s: placeholder id in prompt/prefix, forking without latent",
                                role.parent_index, role.branch_index, kwargs["uid"])
-                alpha, latent_status = 0.0, LATENT_PLACEHOLDER_IN_CONTEXT
-            if latent_token_enabled(alpha):
-                latent_status = LATENT_INJECTED
+                latent_status = LATENT_PLACEHOLDER_IN_CONTEXT
+            else:
+                latent_status, scale = LATENT_INJECTED, cfg.schedule.scale
                 with simple_timer("latent_sampling", metrics):
-                    draw = await self._latents_for_parent(group, role.parent_index, parent, alpha, kwargs)
+                    draw = await self._latents_for_parent(group, role.parent_index, parent, seeds.latent, kwargs)
                 from verl_patches.vllm_latent import LATENT_MODALITY, build_latent_prompt
 
                 latent = draw.embeddings[role.branch_index]
@@ -582,9 +696,7 @@ class BranchingAgentLoop(AgentLoopBase):
                 # replica, whose prefix cache holds prompt + r[:t*].
                 request_id=parent.request_id,
                 prompt_ids=engine_prompt,
-                sampling_params=self._sampling_params(
-                    sampling_params, max_tokens, self._request_seed(kwargs, role.parent_index, role.branch_index)
-                ),
+                sampling_params=self._sampling_params(sampling_params, max_tokens, seeds.sampling),
                 image_data=image_data,
             )
         if out.stop_reason == "aborted" and not out.token_ids:
@@ -605,7 +717,9 @@ class BranchingAgentLoop(AgentLoopBase):
             "iib_fork_position": fork_position if decision.should_fork else -1,
             "iib_fork_entropy": decision.entropy if decision.entropy is not None else math.nan,
             "iib_fork_reason": decision.reason,
-            "iib_alpha": alpha,
+            "iib_is_resample": not decision.should_fork,
+            "iib_latent_prob": latent_prob,
+            "iib_latent_scale": scale,
             "iib_latent_norm": latent_norm,
             "iib_latent_status": latent_status,
             "iib_prefix_length": fork_position,

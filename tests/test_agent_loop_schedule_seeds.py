@@ -1,0 +1,351 @@
+"""Tier 0: the latent schedule's per-branch draw, resamples of too-short parents, and the per-prompt
+seed key of the branching agent loop, against a fake token-in/token-out server (no vLLM, no Ray).
+
+Expected values are computed independently from the pure functions (``prompt_seed_key``,
+``session_seeds``, ``draw_latent_injection``) and compared with what the loop sent to the
+server and recorded in ``extra_fields``.
+"""
+
+import asyncio
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recipe.iib_lpo import agent_loop as al
+from recipe.iib_lpo.alpha_schedule import LatentSchedule, draw_latent_injection
+from recipe.iib_lpo.latent_sampler import LatentSamples
+from verl.workers.rollout.replica import TokenOutput
+
+pytestmark = pytest.mark.timeout(120)
+
+PLACEHOLDER = 3
+HIDDEN = 8
+TOPK = 20
+SPIKE = 13  # response position with a near-flat sampling distribution: the only fork candidate
+QUESTION = "Tom has 3 apples and buys 4 more. How many?"
+
+
+def _topk_rows(num_tokens: int, vocab: int) -> np.ndarray:
+    rows = []
+    for t in range(num_tokens):
+        logits = torch.full((vocab,), -8.0)
+        logits[:5] = torch.tensor([4.0, 1.0, 0.5, 0.0, -1.0])
+        if t == SPIKE:
+            logits = -0.001 * torch.arange(vocab, dtype=torch.float32)
+        rows.append(torch.log_softmax(logits, -1).topk(TOPK).values.numpy())
+    return np.stack(rows).astype(np.float32)
+
+
+class FakeServer:
+    """Deterministic stand-in for verl's LLMServerClient; records every call."""
+
+    def __init__(self, vocab: int, response_tokens: int = 40, short: bool = False):
+        self.vocab, self.response_tokens, self.short = vocab, response_tokens, short
+        self.calls = []
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, num_topk_logprobs=0, **kw):
+        self.calls.append(dict(request_id=request_id, prompt_ids=list(prompt_ids), image_data=image_data,
+                               sampling_params=dict(sampling_params), num_topk_logprobs=num_topk_logprobs))
+        await asyncio.sleep(0.005)
+        seed = sampling_params.get("seed")
+        rng = np.random.default_rng(al.derived_seed(seed, tuple(prompt_ids)) % (2**32))
+        n = 3 if (self.short and num_topk_logprobs) else min(self.response_tokens, sampling_params["max_tokens"])
+        tokens = [int(x) for x in rng.integers(4, self.vocab, size=n)]
+        extra = {"min_global_steps": 5, "max_global_steps": 5, "num_cached_tokens": 0}
+        if num_topk_logprobs:
+            extra[al.TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab)[:, :num_topk_logprobs]
+        return TokenOutput(token_ids=tokens, log_probs=[-1.0] * n, stop_reason="completed", extra_fields=extra)
+
+
+class FakeSampler:
+    """embedding[n, k] = alpha * (10 * (n + 1) + k) in every coordinate; records calls."""
+
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.calls = []
+
+    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None):
+        self.calls.append((list(texts), num_samples, alpha))
+        n = len(texts)
+        base = torch.arange(n, dtype=torch.float32)[:, None] * 10 + 10 + torch.arange(num_samples)[None, :]
+        emb = alpha * base[:, :, None].expand(n, num_samples, HIDDEN).clone()
+        z = torch.ones(n, num_samples, 4)
+        return LatentSamples(embeddings=emb, z=z, z_norms=z.norm(dim=-1), embedding_norms=emb.norm(dim=-1), alpha=alpha)
+
+
+def _config(model_dir, *, M=1, K=8, schedule=None, mode="cvae", sampling_seed=None):
+    from verl_patches.verl_cpu_testing import compose_cpu_trainer_config
+
+    iib = {
+        "num_initial_rollouts": M,
+        "num_branches": K,
+        "branching": {"rho": 0.05, "t_min": 1, "t_margin": 8, "strategy": "argmax"},
+        "entropy": {"source": "topk", "top_k": TOPK},
+        "latent": {
+            "mode": mode,
+            "placeholder_token_id": PLACEHOLDER,
+            "schedule": schedule or {"kind": "constant", "p_init": 0.5, "p_min": 0.0, "scale": 0.25},
+            "service": {"backend": "in_process", "max_batch_size": 64, "max_wait_ms": 30},
+        },
+        "agent_loop": {"parent_wait_timeout_s": 30.0, "sampling_seed": sampling_seed},
+    }
+    return compose_cpu_trainer_config(model_dir, rollout_n=M * (1 + K), response_length=48, extra={"iib_lpo": iib})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_qwen2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_qwen2_dir))
+
+
+def _row(uid="u1", data_source="demo_arith", index=7, global_steps=5):
+    extra_info = {"question": QUESTION}
+    if index is not None:
+        extra_info["index"] = index
+    row = dict(raw_prompt=[{"role": "user", "content": QUESTION}], extra_info=extra_info, uid=uid,
+               global_steps=global_steps, index=index if index is not None else 0)  # verl's default for `index`
+    if data_source is not None:
+        row["data_source"] = data_source
+    return row
+
+
+async def _run_group(config, tokenizer, server, sampler, row):
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    al.BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler)
+
+    async def one(session_id):
+        loop = al.BranchingAgentLoop(
+            trainer_config=DictConfigWrap(config), server_manager=server, tokenizer=tokenizer, processor=None,
+            dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), hf_model_type="qwen2",
+        )
+        return await loop.run({"temperature": 1.0, "top_p": 1.0, "logprobs": True}, session_id=session_id, **row)
+
+    n = config.actor_rollout_ref.rollout.n
+    return await asyncio.wait_for(asyncio.gather(*[one(s) for s in range(n)], return_exceptions=True), 60)
+
+
+def _run(config, tokenizer, row, *, short=False):
+    server, sampler = FakeServer(len(tokenizer), short=short), FakeSampler()
+    outputs = asyncio.run(_run_group(config, tokenizer, server, sampler, row))
+    return outputs, server, sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed key and the seeds (pure)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_prompt_seed_key_is_data_source_and_extra_info_index():
+    assert al.prompt_seed_key(_row(data_source="math_dapo", index=7)) == json.dumps(["math_dapo", 7])
+    assert al.prompt_seed_key(_row(index=np.int64(7))) == al.prompt_seed_key(_row(index=7))  # parquet ints
+    assert al.prompt_seed_key(_row(index="a1b2")) == json.dumps(["demo_arith", "a1b2"])
+    # the top-level `index` kwarg is not used (verl sets it to 0 when extra_info.index is missing)
+    assert al.prompt_seed_key({**_row(index=7), "index": 99}) == al.prompt_seed_key(_row(index=7))
+
+
+def test_same_index_in_two_data_sources_gives_different_seeds():
+    key_a = al.prompt_seed_key(_row(data_source="lighteval/MATH", index=0))
+    key_b = al.prompt_seed_key(_row(data_source="math_dapo", index=0))
+    assert key_a != key_b
+    for session in range(1 + 3):
+        role = al.session_role(session, 1, 3)
+        a = al.session_seeds(key_a, 5, role, rollout_seed=42, sampling_seed=1)
+        b = al.session_seeds(key_b, 5, role, rollout_seed=42, sampling_seed=1)
+        assert a.fork != b.fork and a.latent != b.latent and a.sampling != b.sampling
+        if role.role == "branch":
+            assert a.inject != b.inject
+
+
+def test_session_seeds_structure():
+    key = al.prompt_seed_key(_row())
+    roles = [al.session_role(s, 2, 2) for s in range(6)]
+    seeds = [al.session_seeds(key, 5, r, rollout_seed=42, sampling_seed=None) for r in roles]
+    # a parent's branches share its fork and latent seeds; parents differ
+    assert seeds[2].fork == seeds[3].fork == seeds[0].fork != seeds[1].fork
+    assert seeds[4].latent == seeds[5].latent == seeds[1].latent != seeds[0].latent
+    # the schedule's draw is per branch; initial rollouts have none; no sampling seed when unset
+    assert seeds[0].inject is None and len({s.inject for s in seeds[2:]}) == 4
+    assert all(s.sampling is None for s in seeds)
+    # the step is part of every seed
+    later = al.session_seeds(key, 6, roles[2], rollout_seed=42, sampling_seed=None)
+    assert later.fork != seeds[2].fork and later.inject != seeds[2].inject
+
+
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        (_row(uid="u-no-source", data_source=None), "'data_source'"),
+        (_row(uid="u-empty-source", data_source=""), "'data_source'"),
+        (_row(uid="u-no-index", index=None), "'extra_info.index'"),
+        ({**_row(uid="u-no-extra"), "extra_info": None}, "'extra_info.index'"),
+        (_row(uid="u-bool-index", index=True), "'extra_info.index'"),
+        (_row(uid="u-float-index", index=7.0), "'extra_info.index'"),
+    ],
+)
+def test_rows_without_a_seed_key_are_refused_naming_uid_and_field(row, field):
+    with pytest.raises(ValueError, match=rf"uid={row['uid']}\b.*{field}"):
+        al.prompt_seed_key(row)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop: schedule draws, resamples, seeds on the wire
+# ----------------------------------------------------------------------------------------------
+
+
+def test_schedule_draw_decides_which_branches_get_the_latent(tiny_qwen2_dir, tokenizer):
+    config = _config(tiny_qwen2_dir)  # constant p_inject 0.5, scale 0.25, M=1, K=8
+    row = _row()
+    outputs, server, sampler = _run(config, tokenizer, row)
+    assert not [o for o in outputs if isinstance(o, BaseException)], outputs
+    prompt_len = len(outputs[0].prompt_ids)
+    key = al.prompt_seed_key(row)
+    rollout_seed = int(config.actor_rollout_ref.rollout.seed)
+    expected = [draw_latent_injection(0.5, al.session_seeds(key, 5, al.session_role(1 + k, 1, 8), rollout_seed,
+                                                                None).inject) for k in range(8)]
+    assert any(expected) and not all(expected)  # both outcomes occur for this row (fixed seeds)
+    branch_calls = [c for c in server.calls if not c["num_topk_logprobs"]]
+    assert len(branch_calls) == 8
+    for k, injected in enumerate(expected):
+        ef = outputs[1 + k].extra_fields
+        assert ef["iib_latent_prob"] == 0.5 and ef["iib_is_resample"] is False
+        assert ef["iib_fork_position"] == SPIKE
+        assert outputs[1 + k].response_ids[:SPIKE] == outputs[0].response_ids[:SPIKE]
+        if injected:
+            assert ef["iib_latent_status"] == "injected" and ef["iib_latent_scale"] == 0.25
+            assert ef["iib_latent_norm"] == pytest.approx(0.25 * (10 + k) * math.sqrt(HIDDEN))
+        else:
+            assert ef["iib_latent_status"] == "skipped_by_schedule" and ef["iib_latent_scale"] == 0.0
+            assert math.isnan(ef["iib_latent_norm"])
+    # what reached the server: injected branches carry the placeholder and draw k of the parent at
+    # scale 0.25; skipped ones are plain prompt + prefix
+    latent_values = sorted(float(c["image_data"][0, 0, 0]) for c in branch_calls if c["image_data"] is not None)
+    assert latent_values == [0.25 * (10 + k) for k, injected in enumerate(expected) if injected]
+    for c in branch_calls:
+        assert len(c["prompt_ids"]) == prompt_len + SPIKE + (c["image_data"] is not None)
+        assert (c["prompt_ids"][-1] == PLACEHOLDER) == (c["image_data"] is not None)
+    # one sampler request for the parent, K draws at the constant scale
+    assert [(len(t), n, a) for t, n, a in sampler.calls] == [(1, 8, 0.25)]
+    initial = outputs[0].extra_fields
+    assert (initial["iib_latent_prob"], initial["iib_latent_scale"], initial["iib_is_resample"]) == (0.0, 0.0, False)
+
+
+@pytest.mark.parametrize("p, status", [(1.0, "injected"), (0.0, "skipped_by_schedule")])
+def test_probability_one_always_injects_and_zero_never(tiny_qwen2_dir, tokenizer, p, status):
+    config = _config(tiny_qwen2_dir, K=3, schedule={"kind": "constant", "p_init": p, "p_min": p})
+    outputs, server, sampler = _run(config, tokenizer, _row())
+    assert not [o for o in outputs if isinstance(o, BaseException)], outputs
+    assert [o.extra_fields["iib_latent_status"] for o in outputs[1:]] == [status] * 3
+    assert [o.extra_fields["iib_latent_prob"] for o in outputs[1:]] == [p] * 3
+    assert len(sampler.calls) == (1 if p == 1.0 else 0)
+
+
+def test_latent_probability_follows_the_schedule_by_global_step(tiny_qwen2_dir):
+    cfg = al.BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
+                                    schedule=LatentSchedule(kind="linear", p_init=1.0, p_min=0.0, scale=2.0))
+    # verl's global steps are 1-based: step g is schedule step g - 1
+    assert cfg.latent_probability(1) == 1.0 and cfg.latent_probability(6) == pytest.approx(0.5)
+    assert cfg.latent_probability(50) == 0.0 and cfg.schedule.scale == 2.0
+    assert al.BranchingRolloutConfig(latent_mode="none").latent_probability(3) == 0.0
+    with pytest.raises(ValueError, match="total_training_steps"):
+        al.BranchingRolloutConfig(placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
+    # exponential needs no total
+    expo = al.BranchingRolloutConfig(placeholder_token_id=3,
+                                     schedule=LatentSchedule(kind="exponential", decay_rate=0.5))
+    assert expo.latent_probability(3) == pytest.approx(0.25)
+
+
+def test_latent_mode_none_is_disabled_with_probability_zero(tiny_qwen2_dir, tokenizer):
+    outputs, _, sampler = _run(_config(tiny_qwen2_dir, K=2, mode="none"), tokenizer, _row())
+    assert not [o for o in outputs if isinstance(o, BaseException)], outputs
+    assert [(o.extra_fields["iib_latent_status"], o.extra_fields["iib_latent_prob"]) for o in outputs[1:]] == [
+        ("disabled", 0.0), ("disabled", 0.0)]
+    assert sampler.calls == []
+
+
+def test_too_short_parent_gives_resamples_flagged_for_the_filter(tiny_qwen2_dir, tokenizer):
+    config = _config(tiny_qwen2_dir, M=2, K=2, schedule={"kind": "constant", "p_init": 1.0, "p_min": 1.0})
+    outputs, server, sampler = _run(config, tokenizer, _row(), short=True)
+    assert not [o for o in outputs if isinstance(o, BaseException)], outputs
+    prompt_ids = outputs[0].prompt_ids
+    assert [o.extra_fields["iib_is_resample"] for o in outputs] == [False, False, True, True, True, True]
+    for branch in outputs[2:]:
+        ef = branch.extra_fields
+        assert (ef["iib_role"], ef["iib_fork_reason"], ef["iib_latent_status"]) == ("branch", "too_short", "no_fork")
+        assert ef["iib_latent_prob"] == 0.0 and ef["iib_fork_position"] == -1 and ef["iib_prefix_length"] == 0
+        assert branch.response_mask == [1] * len(branch.response_ids) == [1] * 40  # full responses
+    assert all(c["prompt_ids"] == prompt_ids and c["image_data"] is None for c in server.calls)
+    assert sampler.calls == []
+
+
+def test_same_index_different_data_source_get_different_seeds_on_the_wire(tiny_qwen2_dir, tokenizer):
+    config = _config(tiny_qwen2_dir, K=2, sampling_seed=123)
+    sent = {}
+    for source in ("lighteval/MATH", "math_dapo"):
+        row = _row(uid=f"u-{source}", data_source=source, index=0)
+        outputs, server, _ = _run(config, tokenizer, row)
+        assert not [o for o in outputs if isinstance(o, BaseException)], outputs
+        seeds = sorted(c["sampling_params"]["seed"] for c in server.calls)
+        key = al.prompt_seed_key(row)
+        rollout_seed = int(config.actor_rollout_ref.rollout.seed)
+        expected = sorted(al.session_seeds(key, 5, al.session_role(s, 1, 2), rollout_seed, 123).sampling
+                          for s in range(3))
+        assert seeds == expected and len(set(seeds)) == 3
+        sent[source] = (seeds, outputs[0].response_ids)
+    assert not set(sent["lighteval/MATH"][0]) & set(sent["math_dapo"][0])
+    assert sent["lighteval/MATH"][1] != sent["math_dapo"][1]  # different noise -> different initial rollout
+
+
+@pytest.mark.parametrize("drop", ["data_source", "extra_info.index"])
+def test_loop_refuses_a_row_without_seed_key(tiny_qwen2_dir, tokenizer, drop):
+    row = _row(uid="row-42", data_source=None if drop == "data_source" else "demo_arith",
+               index=None if drop == "extra_info.index" else 7)
+    outputs, server, _ = _run(_config(tiny_qwen2_dir, K=1), tokenizer, row)
+    assert all(isinstance(o, ValueError) and "uid=row-42" in str(o) and f"'{drop}'" in str(o) for o in outputs)
+    assert server.calls == []
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurement behind README "Latent schedule: measured effect"
+# ----------------------------------------------------------------------------------------------
+
+
+def test_measurement_helpers_known_answers(tiny_qwen2_dir):
+    from transformers import AutoModelForCausalLM
+
+    from recipe.iib_lpo import measure_latent_kl as m
+
+    logp, logq = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.75]))
+    assert m.kl_divergence(logp, logq) == pytest.approx(0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0))
+    assert m.old_cosine_alpha(0, 100) == 1.0 and m.old_cosine_alpha(50, 100) == pytest.approx(0.55)
+    assert m.old_cosine_alpha(100, 100) == pytest.approx(0.1)
+    # the next-token distribution after the context (no latent) is the plain model's last position
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_qwen2_dir), dtype=torch.float32).eval()
+    context = list(range(10, 30))
+    with torch.no_grad():
+        direct = torch.log_softmax(model(torch.tensor([context])).logits[0, -1], dim=-1)
+        assert torch.allclose(m.next_token_logprobs(model, context, None), direct, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_measurement_is_the_schedule_mixture(tmp_path):
+    from recipe.iib_lpo import measure_latent_kl as m
+
+    assert m.main(["--out", str(tmp_path), "--num-prompts", "2", "--num-latents", "2"]) == 0
+    result = json.loads((tmp_path / "latent_kl.json").read_text())
+    rows = result["rows"]
+    expected_p = [0.1 + 0.9 * (1 + math.cos(math.pi * f)) / 2 for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert [r["p_inject"] for r in rows] == pytest.approx(expected_p)
+    assert rows[0]["kl_injected"] > 0
+    for r in rows:
+        assert r["kl_expected"] == pytest.approx(r["p_inject"] * r["kl_injected"])
+    # at step 0 the old schedule's alpha (1.0) is the new constant scale: same latents, same KL
+    assert rows[0]["old_kl"] == pytest.approx(rows[0]["kl_injected"])
+    # with p = 1 every branch is drawn injected
+    assert rows[0]["kl_drawn"] == pytest.approx(rows[0]["kl_injected"])
