@@ -4,8 +4,9 @@ Every metric is a plain float so verl's tracker (console, wandb, tensorboard, JS
 Meanings (README, "Metrics"):
 - ``fork_rate``: share of initial rollouts that were forked; ``fork_reason/<r>``: share per reason.
 - ``fork_pos_frac``: mean t*/L of forked parents; ``fork_entropy``: mean H(t*).
-- ``latent_status/<s>``: share of branches per latent status; ``latent_prob``/``latent_alpha``/
-  ``latent_norm``: means over branches (norm over injected ones).
+- ``latent_status/<s>``: share of branches per latent status; ``latent_prob``/``latent_scale``/
+  ``latent_norm``: means over branches (scale 0 for branches without a latent; norm over
+  injected ones).
 - ``ib_score_kept`` / ``ib_score_dropped``: mean S_IB; ``keep_rate``: kept share of branches.
 - ``acc_initial`` / ``acc_branch``: mean r_v of initial rollouts / branches.
 - ``prefix_cache_hit``: cached prompt tokens / (prompt + prefix) tokens over forked branches.
@@ -66,7 +67,7 @@ def iib_lpo_step_metrics(
     for status, count in statuses.items():
         out[f"latent_status/{status}"] = count / len(branches)
     out["latent_prob"] = _mean([extra_fields[i].get("iib_latent_prob") for i in branches])
-    out["latent_alpha"] = _mean([extra_fields[i].get("iib_alpha") for i in branches])
+    out["latent_scale"] = _mean([extra_fields[i].get("iib_latent_scale") for i in branches])
     out["latent_norm"] = _mean([extra_fields[i].get("iib_latent_norm") for i in branches])
     keep_list = keep.tolist()
     out["ib_score_kept"] = _mean([float(scores[i]) for i in range(n) if keep_list[i]])
