@@ -84,7 +84,8 @@ def test_iib_lpo_two_steps_latents_filter_and_weight_sync(iib_lpo_run):
         assert 0 < m["critic/score/mean"] < 1  # rewards vary, so advantages are non-zero
         assert m["actor/pg_loss"] != 0
         assert m["timing_s/iib_lpo_ib_filter_adv"] > 0
-        assert "iib_lpo/branch_kl" in m or any(k.startswith("iib_lpo/branch_") for k in m)
+        # rollout correction's off-policy metrics for branch and initial tokens apart (the latent's mismatch)
+        assert m["iib_lpo/branch_kl"] > 0 and m["iib_lpo/initial_kl"] >= 0
 
 
 def test_grpo_two_steps_through_the_recipe_entry_point(artifacts):

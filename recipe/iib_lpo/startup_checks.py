@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from recipe.iib_lpo.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig
 from recipe.iib_lpo.ib import IBConfig, list_ib_estimators
+from recipe.iib_lpo.ib_step import rounds_problems
 from recipe.iib_lpo.loss_terms import LossTermsConfig
 
 AGENT_LOOP_NAME = "iib_lpo_branching"
@@ -49,11 +50,13 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
     problems: list[str] = []
     iib = OmegaConf.to_container(config.iib_lpo, resolve=True)
     rollout = config.actor_rollout_ref.rollout
-    m, k = iib["num_initial_rollouts"], iib["num_branches"]
-    if rollout.n != m * (1 + k):
+    m, k, rounds = iib["num_initial_rollouts"], iib["num_branches"], iib["ib"].get("rounds", 1)
+    if rollout.n != m * (1 + k * rounds):
+        n = m * (1 + k * rounds)
+        per_round = "" if rounds == 1 else f" x iib_lpo.ib.rounds={rounds}"
         problems.append(
             f"actor_rollout_ref.rollout.n={rollout.n} but iib_lpo.num_initial_rollouts={m} x (1 + "
-            f"iib_lpo.num_branches={k}) = {m * (1 + k)} sessions per prompt: set rollout.n={m * (1 + k)}"
+            f"iib_lpo.num_branches={k}{per_round}) = {n} sessions per prompt: set rollout.n={n}"
         )
     if rollout.name != ROLLOUT_NAME:
         problems.append(f"actor_rollout_ref.rollout.name={rollout.name!r}: I2B-LPO needs {ROLLOUT_NAME!r} "
@@ -70,6 +73,12 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
                         f"{UNSUPPORTED_ESTIMATORS[estimator]}")
     elif estimator not in list_ib_estimators():
         problems.append(f"iib_lpo.ib.estimator={estimator!r} is unknown; registered: {list_ib_estimators()}")
+    if isinstance(rounds, int) and rounds > 1:
+        # the rollout ranks rounds 1..R-1 itself (agent_loop.rounds_problems: same checks, same words)
+        try:
+            problems += rounds_problems(IBConfig(**iib["ib"]), k)
+        except (TypeError, ValueError):
+            pass  # reported below as an iib_lpo.ib problem
     for name, cls, raw in (("ib", IBConfig, iib["ib"]), ("advantage", AdvantageConfig, iib["advantage"]),
                            ("loss_terms", LossTermsConfig, iib["loss_terms"])):
         try:
@@ -90,8 +99,9 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
 
 def _latent_problems(config: Any, iib: dict, check_files: bool) -> list[str]:
     latent = iib["latent"]
-    custom = OmegaConf.to_container(config.actor_rollout_ref.rollout.get("custom") or {}, resolve=True)
-    server = (custom or {}).get("iib_lpo") or {}
+    custom = config.actor_rollout_ref.rollout.get("custom")
+    custom = OmegaConf.to_container(custom, resolve=True) if OmegaConf.is_config(custom) else dict(custom or {})
+    server = custom.get("iib_lpo") or {}
     problems = []
     if latent["mode"] == "none":
         return problems
