@@ -98,10 +98,13 @@ def test_the_yaml_fails_loudly_without_a_placeholder_for_cvae_latents():
         BranchingRolloutConfig.from_trainer_config(config)
 
 
-def test_unimplemented_iterative_rounds_are_refused_not_ignored():
+def test_iterative_rounds_parse_and_unrankable_estimators_are_refused():
     config = OmegaConf.merge(
         OmegaConf.load(YAML_PATH),
         {"iib_lpo": {"ib": {"rounds": 2}, "latent": {"placeholder_token_id": 3}}, "trainer": {"total_training_steps": 10}},
     )
-    with pytest.raises(ValueError, match="rounds=2"):
-        BranchingRolloutConfig.from_trainer_config(config)
+    parsed = BranchingRolloutConfig.from_trainer_config(config)
+    assert parsed.rounds == 2 and parsed.group_size == 2 * (1 + 3 * 2)
+    ibro = OmegaConf.merge(config, {"iib_lpo": {"ib": {"estimator": "ibro"}}})
+    with pytest.raises(ValueError, match=r"rounds=2 with iib_lpo.ib.estimator='ibro'"):
+        BranchingRolloutConfig.from_trainer_config(ibro)

@@ -3,11 +3,13 @@
 verl's V1 rollout (``AgentLoopWorkerTQ._run_prompt``) starts ``rollout.n`` sessions of one prompt
 as tasks in ONE worker event loop, each an instance of the configured agent loop, with a shared
 ``uid`` and ``session_id`` = 0..n-1; every session returns one trajectory. This loop turns the
-n = M * (1 + K) sessions of a prompt into M initial rollouts and K latent branches of each:
+n = M * (1 + K * R) sessions of a prompt into M initial rollouts and, in each of R rounds
+(``iib_lpo.ib.rounds``, default 1), K latent branches per parent (``session_role``):
 
-    session s <  M                : initial rollout i = s
-    session s >= M, j = s - M     : branch k = j % K of parent i = j // K
-    (e.g. M=2, K=3: sessions 0,1 initial; 2,3,4 branches of parent 0; 5,6,7 of parent 1)
+    session s <  M                : initial rollout i = s (round 0)
+    session s >= M, j = s - M     : branch k = j % K of round r = (j % (K*R)) // K + 1 of parent i = j // (K*R)
+    (R=1, M=2, K=3: sessions 0,1 initial; 2,3,4 branches of parent 0; 5,6,7 of parent 1.
+     R=2, M=1, K=2: session 0 initial; 1,2 round-1 branches; 3,4 round-2 branches)
 
 An initial session generates from the prompt, asking the server for the top-k log-probs of each
 generated token (``verl_patches.rollout_server``, ``rollout.name=iib_lpo_vllm``), estimates the
@@ -45,6 +47,35 @@ Failure handling: a parent that raises or produces no usable output releases its
 ``ParentRolloutError`` (verl then marks the prompt ``failure``); a branch waits at most
 ``parent_wait_timeout_s``.
 
+Iterative rounds (R = ``iib_lpo.ib.rounds`` > 1, METHOD.md step 6 "Iterative"): round 1 is the
+single-round fork above. A round r < R is ranked by the rollout itself, per parent: each of its
+K branches asks the server for top-k log-probs as well, computes its verifiable reward
+(``_in_loop_reward``: the configured reward function, called directly with the row's
+``reward_model.ground_truth``, ``data_source`` and ``extra_info`` -- verl computes the reward again
+for the whole batch after the rollout, with the same function, kwargs and decoding) and its S_IB
+with ``iib_lpo.ib`` (``ngram``: text, r_v, token counts; ``entropy``: the engine's top-k entropies,
+the inherited prefix carrying its ancestors'; ``ibro`` / ``answer_likelihood`` are refused for
+R > 1, ``rounds_problems``), then reports to the round's selection. The branch that completes the
+round runs ``ib_step.round_keep_and_survivor`` (``ib.topn_keep_mask`` with the trainer's top_n, and
+``ib.best_branch_per_fork_source``) and publishes the survivor as round r + 1's fork source: it
+forks at a high-entropy point inside the survivor's OWN continuation (``survivor_fork_decision``,
+the same rule and knobs as step 2; seed ``fork_seeds(.., r + 1)``), with K fresh latents from the
+prior conditioned on question + the new prefix (one latent-service request per fork point, as in
+round 1) and the lineage's request id (sticky replica). Every session of the round waits for the
+selection and records its decision in ``iib_loop_keep``; the trainer keeps exactly those branches
+(``ib_step`` module docstring), so a survivor -- whose continuation is the inherited prefix of the
+next round -- is always trained. The last round is not ranked here (no next round needs it); the
+trainer's Top-N decides it. A round-r branch's response is survivor[:t*] + continuation: mask 0 on
+the whole inherited prefix and the ancestors' rollout log-probs there, whatever the depth.
+Rules (same as one round, decision): a fork source that cannot fork (a parent too short, a
+survivor whose continuation is too short: ``fork_reason="too_short"``) makes that round's and
+every later round's sessions of the lineage flagged resamples from the prompt (counted per round
+in ``iib_lpo/round<r>/fork_reason/*``); a failed branch of a ranked round, or a selection that
+does not complete within ``parent_wait_timeout_s``, fails that round and every later round of the
+lineage with ``ParentRolloutError`` (verl marks the prompt ``failure``: verl needs all n sessions);
+a round-r branch waits at most r x ``parent_wait_timeout_s`` for its fork source. No wait is
+unbounded.
+
 Seeds: every random choice of a prompt's sessions is keyed on ``prompt_seed_key(kwargs)`` =
 (``data_source``, ``extra_info.index``) -- what data_prep writes and verl's RLHFDataset passes
 through to ``run()`` -- plus verl's global step, parent and branch (``session_seeds``). The
@@ -55,17 +86,23 @@ schedule's draws use ``actor_rollout_ref.rollout.seed`` as the root; vLLM's toke
 ``agent_loop.sampling_seed`` (see below).
 
 Per-trajectory ``extra_fields``: iib_role ("initial"/"branch"), iib_parent_index,
-iib_branch_index (-1 for initial), iib_fork_position (t*, -1 if none), iib_fork_entropy
+iib_branch_index (-1 for initial), iib_round (0 for initial, r for a round-r branch session),
+iib_fork_source (session id of the trajectory it forked from: the parent for round 1, the
+previous round's survivor after; -1 for initial rollouts and resamples), iib_fork_source_length
+(its response length, -1 if none), iib_loop_keep (1/0: the rollout's Top-N decision for a branch
+of a ranked round, -1 otherwise), iib_loop_reward / iib_loop_ib_score (the r_v and S_IB it ranked
+with, NaN otherwise), iib_fork_position (t* in response coordinates, -1 if none), iib_fork_entropy
 (NaN if none), iib_fork_reason, iib_is_resample (bool, see above), iib_latent_prob (float:
 p_inject at this step for a forked branch with ``latent.mode=cvae``, else 0.0),
 iib_latent_scale (scale of the injected latent, 0.0 without one), iib_latent_norm (NaN without
 latent), iib_latent_status ("injected" / "skipped_by_schedule" / "disabled" /
 "placeholder_in_context" / "no_fork"), iib_prefix_length, iib_generated_length,
-iib_num_cached_tokens, iib_mean_entropy (initial).
+iib_num_cached_tokens, iib_mean_entropy (initial; a ranked branch: of its continuation).
 
 Config (all under the recipe's top-level ``iib_lpo`` group; defaults in brackets):
 - ``num_initial_rollouts`` M [2], ``num_branches`` K [3] (the authors' parity setting:
-  M=2, K=3, 8 trajectories per prompt); ``actor_rollout_ref.rollout.n`` must equal M*(1+K).
+  M=2, K=3, 8 trajectories per prompt), ``ib.rounds`` R [1]; ``actor_rollout_ref.rollout.n`` must
+  equal M*(1+K*R). ``ib.top_n`` and ``ib.estimator`` (+ weights) rank the rounds r < R.
 - ``branching.{rho,t_min,t_margin,strategy}``: ``branching.BranchingConfig`` [0.05, 1, 8, uniform].
 - ``entropy.top_k`` [20]: k of the top-k log-probs (METHOD.md: k >= 20); ``entropy.source``
   must be "topk" here (exact logits are not available from the rollout engine).
@@ -91,13 +128,14 @@ Config (all under the recipe's top-level ``iib_lpo`` group; defaults in brackets
 Registration: ``@register("iib_lpo_branching")`` (when this module is imported) and
 ``config/agent_loop.yaml`` for ``actor_rollout_ref.rollout.agent.agent_loop_config_path``
 (resolved in every worker; ``agent_loop_config_path()`` returns its absolute path).
-Not implemented: iterative rounds R > 1 (forking again from branches).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -106,6 +144,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -118,6 +157,8 @@ from verl.utils.profiler import simple_timer
 from recipe.iib_lpo.alpha_schedule import LatentSchedule, draw_latent_injection
 from recipe.iib_lpo.branching import FORK_OK, BranchingConfig, ForkDecision, choose_fork_position
 from recipe.iib_lpo.entropy import EntropyConfig, estimate_entropy_from_topk
+from recipe.iib_lpo.ib import IBConfig, IBInputs, score_trajectories
+from recipe.iib_lpo.ib_step import ROUNDS_UNSUPPORTED_ESTIMATORS, round_keep_and_survivor, rounds_problems
 from recipe.iib_lpo.latent_service import LatentServiceConfig, get_latent_service_client
 
 logger = logging.getLogger(__name__)
@@ -129,6 +170,8 @@ LATENT_MODES = ("cvae", "none")
 ROLE_INITIAL = "initial"
 ROLE_BRANCH = "branch"
 FORK_REASON_NO_BRANCHES = "not_a_parent"
+FORK_REASON_NO_SURVIVOR = "no_survivor"  # a ranked round kept no branch (only with ib.top_n=0, refused)
+LOOP_KEEP_NONE = -1  # iib_loop_keep of a trajectory whose round the rollout did not rank
 # iib_latent_status of a trajectory
 LATENT_INJECTED = "injected"  # a branch continued after the latent token
 LATENT_SKIPPED_BY_SCHEDULE = "skipped_by_schedule"  # forked; the schedule's draw said no latent
@@ -156,35 +199,63 @@ class SessionRole:
     """What session ``session_id`` of a prompt does."""
 
     role: str  # ROLE_INITIAL or ROLE_BRANCH
-    parent_index: int  # i: the initial rollout this session is, or forks from
+    parent_index: int  # i: the initial rollout this session is, or whose lineage it branches in
     branch_index: int  # k for a branch, -1 for an initial rollout
+    round_index: int  # 0 for an initial rollout; r in 1..R for a branch of round r
 
 
-def check_group_layout(rollout_n: int, num_initial: int, num_branches: int) -> None:
-    """rollout.n must be M * (1 + K); raises a ValueError naming the numbers otherwise."""
+def group_size(num_initial: int, num_branches: int, rounds: int = 1) -> int:
+    """Sessions per prompt: M initial rollouts + K branches per parent in each of R rounds."""
+    return num_initial * (1 + num_branches * rounds)
+
+
+def check_group_layout(rollout_n: int, num_initial: int, num_branches: int, rounds: int = 1) -> None:
+    """rollout.n must be M * (1 + K * R); raises a ValueError naming the numbers otherwise."""
     if not isinstance(num_initial, int) or num_initial < 1:
         raise ValueError(f"iib_lpo.num_initial_rollouts must be an int >= 1, got {num_initial!r}")
     if not isinstance(num_branches, int) or num_branches < 0:
         raise ValueError(f"iib_lpo.num_branches must be an int >= 0, got {num_branches!r}")
-    expected = num_initial * (1 + num_branches)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError(f"iib_lpo.ib.rounds must be an int >= 1, got {rounds!r}")
+    expected = group_size(num_initial, num_branches, rounds)
     if rollout_n != expected:
+        if rounds == 1:
+            raise ValueError(
+                f"actor_rollout_ref.rollout.n={rollout_n} does not match the branching layout: "
+                f"M={num_initial} initial rollouts x (1 + K={num_branches} branches) = {expected} sessions per prompt. "
+                f"Set rollout.n={expected}, or change iib_lpo.num_initial_rollouts / iib_lpo.num_branches "
+                f"(rollout.n must be divisible by 1 + K = {1 + num_branches})."
+            )
         raise ValueError(
             f"actor_rollout_ref.rollout.n={rollout_n} does not match the branching layout: "
-            f"M={num_initial} initial rollouts x (1 + K={num_branches} branches) = {expected} sessions per prompt. "
-            f"Set rollout.n={expected}, or change iib_lpo.num_initial_rollouts / iib_lpo.num_branches "
-            f"(rollout.n must be divisible by 1 + K = {1 + num_branches})."
+            f"M={num_initial} initial rollouts x (1 + K={num_branches} branches x R={rounds} rounds) = {expected} "
+            f"sessions per prompt. Set rollout.n={expected}, or change iib_lpo.num_initial_rollouts / "
+            f"iib_lpo.num_branches / iib_lpo.ib.rounds (rollout.n must be divisible by 1 + K x R = "
+            f"{1 + num_branches * rounds})."
         )
 
 
-def session_role(session_id: int, num_initial: int, num_branches: int) -> SessionRole:
-    """Sessions 0..M-1 are initial rollouts; session M + i*K + k is branch k of parent i."""
-    total = num_initial * (1 + num_branches)
+def session_role(session_id: int, num_initial: int, num_branches: int, rounds: int = 1) -> SessionRole:
+    """Sessions 0..M-1 are initial rollouts; session M + i*K*R + (r-1)*K + k is branch k of round r
+    in the lineage of parent i (with R = 1: M + i*K + k, branch k of parent i)."""
+    total = group_size(num_initial, num_branches, rounds)
     if not isinstance(session_id, int) or not 0 <= session_id < total:
-        raise ValueError(f"session_id={session_id!r} outside [0, {total}) for M={num_initial}, K={num_branches}")
+        raise ValueError(
+            f"session_id={session_id!r} outside [0, {total}) for M={num_initial}, K={num_branches}, R={rounds}"
+        )
     if session_id < num_initial:
-        return SessionRole(ROLE_INITIAL, session_id, -1)
+        return SessionRole(ROLE_INITIAL, session_id, -1, 0)
     j = session_id - num_initial
-    return SessionRole(ROLE_BRANCH, j // num_branches, j % num_branches)
+    per_parent = num_branches * rounds
+    return SessionRole(ROLE_BRANCH, j // per_parent, j % num_branches, (j % per_parent) // num_branches + 1)
+
+
+def session_id_of(role: SessionRole, num_initial: int, num_branches: int, rounds: int = 1) -> int:
+    """The inverse of ``session_role``."""
+    if role.role == ROLE_INITIAL:
+        return role.parent_index
+    return num_initial + role.parent_index * num_branches * rounds + (role.round_index - 1) * num_branches \
+        + role.branch_index
 
 
 def assemble_branch_trajectory(
@@ -254,9 +325,10 @@ def prompt_seed_key(kwargs: Mapping[str, Any]) -> str:
 class SessionSeeds:
     """The seeds one session uses (all 63-bit ints from ``derived_seed``).
 
-    fork: the parent's fork-point draw; latent: its K latent draws (one latent-service request);
-    inject: this branch's latent-schedule draw (None for an initial rollout); sampling: the vLLM
-    per-request seed (None unless ``agent_loop.sampling_seed`` is set).
+    fork: the draw of the fork point this session's round forks at (an initial rollout: its own
+    fork point, which round 1 forks at); latent: that fork point's K latent draws (one
+    latent-service request); inject: this branch's latent-schedule draw (None for an initial
+    rollout); sampling: the vLLM per-request seed (None unless ``agent_loop.sampling_seed`` is set).
     """
 
     fork: int
@@ -265,21 +337,38 @@ class SessionSeeds:
     sampling: int | None
 
 
+def _round_parts(round_index: int) -> tuple:
+    # round 1 keeps the seed parts of the single-round recipe (same draws as before rounds existed)
+    return () if round_index <= 1 else ("round", round_index)
+
+
+def fork_seeds(seed_key: str, global_steps: Any, parent: int, round_index: int, rollout_seed: int) -> tuple[int, int]:
+    """(fork, latent) seeds of the fork point that round ``round_index``'s branches of ``parent``
+    continue from: round 1 forks the initial rollout, round r >= 2 the survivor of round r - 1."""
+    parts = _round_parts(round_index)
+    return (derived_seed(rollout_seed, global_steps, seed_key, "fork", parent, *parts),
+            derived_seed(rollout_seed, global_steps, seed_key, "latent", parent, *parts))
+
+
 def session_seeds(
     seed_key: str, global_steps: Any, role: SessionRole, rollout_seed: int, sampling_seed: int | None
 ) -> SessionSeeds:
     """Seeds of one session from the prompt's ``prompt_seed_key``, the step and the session's role.
 
-    fork / latent depend on the parent only (its branches share them); inject and sampling are
-    per branch. ``rollout_seed`` is ``actor_rollout_ref.rollout.seed``.
+    fork / latent depend on the parent and round only (a round's branches share them); inject
+    and sampling are per branch. ``rollout_seed`` is ``actor_rollout_ref.rollout.seed``. Round 1
+    uses the parts of the single-round recipe, so R = 1 draws what it always drew.
     """
     parent = role.parent_index
-    branch_parts = () if role.role == ROLE_INITIAL else (role.branch_index,)
+    fork_round = 1 if role.role == ROLE_INITIAL else role.round_index
+    fork, latent = fork_seeds(seed_key, global_steps, parent, fork_round, rollout_seed)
+    parts = _round_parts(fork_round)
+    branch_parts = () if role.role == ROLE_INITIAL else (*parts, role.branch_index)
     return SessionSeeds(
-        fork=derived_seed(rollout_seed, global_steps, seed_key, "fork", parent),
-        latent=derived_seed(rollout_seed, global_steps, seed_key, "latent", parent),
+        fork=fork,
+        latent=latent,
         inject=None if role.role == ROLE_INITIAL else derived_seed(rollout_seed, global_steps, seed_key, "inject",
-                                                                    parent, role.branch_index),
+                                                                    parent, *parts, role.branch_index),
         sampling=None if sampling_seed is None else derived_seed(sampling_seed, global_steps, seed_key, parent,
                                                                  *branch_parts),
     )
@@ -329,6 +418,16 @@ class BranchingRolloutConfig:
     parent_wait_timeout_s: float = 1800.0
     sampling_seed: int | None = None
     validation_agent_loop: str = "single_turn_agent"
+    # iib_lpo.ib: rounds R, and (R > 1) the estimator and top_n the rollout ranks a round's branches with
+    ib: IBConfig = field(default_factory=IBConfig)
+
+    @property
+    def rounds(self) -> int:
+        return self.ib.rounds
+
+    @property
+    def group_size(self) -> int:
+        return group_size(self.num_initial, self.num_branches, self.rounds)
 
     @classmethod
     def from_trainer_config(cls, config: Any) -> BranchingRolloutConfig:
@@ -342,13 +441,7 @@ class BranchingRolloutConfig:
         _refuse_unknown_keys("agent_loop", agent, AGENT_LOOP_KEYS)
         entropy = dict(raw.get("entropy") or {})
         entropy.setdefault("source", "topk")
-        rounds = int(dict(raw.get("ib") or {}).get("rounds", 1))
-        if rounds != 1:
-            # ib.best_branch_per_fork_source supports the data side of iterative rounds, but the
-            # rollout forks once per parent; refuse rather than silently run one round.
-            raise ValueError(
-                f"iib_lpo.ib.rounds={rounds}: the branching rollout implements one forking round (rounds=1) only"
-            )
+        ib = IBConfig(**dict(raw.get("ib") or {}))
         total_steps = latent.get("total_steps")
         if total_steps is None:
             total_steps = config.get("trainer", {}).get("total_training_steps", None)
@@ -365,6 +458,7 @@ class BranchingRolloutConfig:
             parent_wait_timeout_s=float(agent.get("parent_wait_timeout_s", 1800.0)),
             sampling_seed=None if agent.get("sampling_seed") is None else int(agent["sampling_seed"]),
             validation_agent_loop=str(agent.get("validation_agent_loop", "single_turn_agent")),
+            ib=ib,
         )
         out.validate()
         return out
@@ -381,6 +475,8 @@ class BranchingRolloutConfig:
             raise ValueError("iib_lpo.latent.mode=cvae needs iib_lpo.latent.placeholder_token_id")
         if not self.parent_wait_timeout_s > 0:
             raise ValueError(f"iib_lpo.agent_loop.parent_wait_timeout_s must be > 0, got {self.parent_wait_timeout_s}")
+        for problem in rounds_problems(self.ib, self.num_branches):
+            raise ValueError(problem)
 
     def latent_probability(self, global_step: Any) -> float:
         """p_inject of the latent schedule at verl's (1-based) global step; 0 with latent.mode=none."""
@@ -402,6 +498,14 @@ class BranchingRolloutConfig:
 
 @dataclass
 class ParentResult:
+    """A fork source: an initial rollout (``round_index`` 0) or the survivor of round r
+    (``round_index`` r), with the fork decision the next round's branches continue from.
+
+    ``decision.position`` is in response coordinates (for a survivor: inside its own
+    continuation, after its inherited prefix). ``entropies`` covers the whole response (an
+    inherited prefix carries its ancestors' entropies); ``response_logprobs`` likewise.
+    """
+
     request_id: str
     prompt_ids: list[int]
     response_ids: list[int]
@@ -410,17 +514,98 @@ class ParentResult:
     decision: ForkDecision
     min_global_steps: Any
     max_global_steps: Any
+    session_id: int = -1
+    round_index: int = 0
+
+
+@dataclass
+class BranchRecord:
+    """A branch of a ranked round (round r < R), as it reports to the between-round selection."""
+
+    branch_index: int
+    session_id: int
+    response_ids: list[int]
+    response_logprobs: list[float] | None
+    entropies: torch.Tensor
+    prefix_length: int
+    reward: float
+    score: float
+    min_global_steps: Any
+    max_global_steps: Any
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """The selection of one fork source's round: per-branch keep and S_IB, the survivor's branch
+    index (None if nothing was kept) and the fork source it gives the next round."""
+
+    keep: tuple[bool, ...]
+    scores: tuple[float, ...]
+    survivor: int | None
+    next_source: ParentResult
+
+
+@dataclass
+class _RoundState:
+    records: dict[int, BranchRecord]
+    outcome: asyncio.Future
 
 
 @dataclass
 class _PromptGroup:
-    parents: list[asyncio.Future]
-    latents: dict[int, asyncio.Task] = field(default_factory=dict)
+    parents: list[asyncio.Future]  # fork sources of round 1: the initial rollouts
+    sources: dict[tuple[int, int], asyncio.Future] = field(default_factory=dict)  # (parent, round >= 2)
+    rounds: dict[tuple[int, int], _RoundState] = field(default_factory=dict)  # (parent, ranked round)
+    latents: dict[tuple[int, int], asyncio.Task] = field(default_factory=dict)  # (parent, round)
     finished_sessions: int = 0
+
+    def source(self, parent: int, round_index: int) -> asyncio.Future:
+        """The future of round ``round_index``'s fork source in the lineage of ``parent``."""
+        if round_index == 1:
+            return self.parents[parent]
+        fut = self.sources.get((parent, round_index))
+        if fut is None:
+            fut = self.sources[(parent, round_index)] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def round_state(self, parent: int, round_index: int) -> _RoundState:
+        state = self.rounds.get((parent, round_index))
+        if state is None:
+            state = self.rounds[(parent, round_index)] = _RoundState({}, asyncio.get_running_loop().create_future())
+        return state
+
+    def futures(self) -> list[asyncio.Future]:
+        return [*self.parents, *self.sources.values(), *(s.outcome for s in self.rounds.values())]
+
+
+def publish_source(group: _PromptGroup, parent: int, round_index: int, rounds: int,
+                   result: ParentResult | BaseException) -> None:
+    """Resolve round ``round_index``'s fork source of ``parent`` (no-op for a future already done).
+
+    A source that does not fork, or a failure, also resolves every later round: a chain that
+    stops here makes the later rounds' sessions resamples (or fails them), never leaves them waiting.
+    """
+    for r in range(round_index, rounds + 1):
+        fut = group.source(parent, r)
+        if not fut.done():
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+        if isinstance(result, ParentResult) and result.decision.should_fork:
+            break  # the next round's source comes from this round's selection
+
+
+def fail_round(group: _PromptGroup, parent: int, round_index: int, rounds: int, err: BaseException) -> None:
+    """A ranked round failed: its waiting branches and every later round of the lineage get ``err``."""
+    state = group.round_state(parent, round_index)
+    if not state.outcome.done():
+        state.outcome.set_exception(err)
+    publish_source(group, parent, round_index + 1, rounds, err)
 
 
 class _GroupRegistry:
-    """Per-prompt rendezvous between parent and branch sessions of one worker process.
+    """Per-prompt rendezvous between the sessions of one prompt in one worker process.
 
     Keyed by (uid, global_steps) (verl may re-issue a prompt in a later step with the same uid).
     An entry is dropped when all n sessions finished; at most ``max_groups`` are kept (oldest
@@ -440,7 +625,7 @@ class _GroupRegistry:
             while len(self._groups) > self.max_groups:
                 old_key, old = self._groups.popitem(last=False)
                 logger.warning("dropping unfinished branching group %s (registry over %d)", old_key, self.max_groups)
-                for fut in old.parents:
+                for fut in old.futures():
                     if not fut.done():
                         fut.set_exception(ParentRolloutError(f"group {old_key} evicted from the registry"))
         return group
@@ -452,7 +637,7 @@ class _GroupRegistry:
         group.finished_sessions += 1
         if group.finished_sessions >= total_sessions:
             del self._groups[key]
-            for fut in group.parents:  # nobody waits any more: silence "exception never retrieved"
+            for fut in group.futures():  # nobody waits any more: silence "exception never retrieved"
                 if fut.done() and not fut.cancelled():
                     fut.exception()
 
@@ -474,13 +659,73 @@ def group_registry() -> _GroupRegistry:
 
 
 # ----------------------------------------------------------------------------------------------
+# Between rounds: the pure selection and the in-loop reward
+# ----------------------------------------------------------------------------------------------
+
+
+def survivor_fork_decision(
+    entropies: torch.Tensor, prefix_length: int, config: BranchingConfig, seed: int | None
+) -> ForkDecision:
+    """Where the next round forks a survivor: ``choose_fork_position`` over the survivor's OWN
+    continuation (its entropies after the inherited prefix), shifted to response coordinates.
+
+    The candidate window is t_min <= t < T_cont - t_margin inside the continuation, so a fork
+    point is never inside the inherited prefix. ``seed`` is required by the uniform strategy.
+    """
+    if not 0 <= prefix_length <= int(entropies.shape[0]):
+        raise ValueError(f"prefix length {prefix_length} outside the survivor's {entropies.shape[0]} tokens")
+    local = choose_fork_position(entropies[prefix_length:], config, seed=seed if config.strategy == "uniform" else None)
+    if not local.should_fork:
+        return ForkDecision(None, None, local.reason, int(entropies.shape[0]))
+    return ForkDecision(
+        position=prefix_length + local.position,
+        entropy=local.entropy,
+        reason=local.reason,
+        num_tokens=int(entropies.shape[0]),
+        candidates=tuple(prefix_length + c for c in local.candidates),
+    )
+
+
+_REWARD_FUNCTIONS: dict[str, Any] = {}
+
+
+def load_reward_function(config: Any):
+    """The verifiable-reward function verl's reward manager uses for this config: the
+    ``reward.custom_reward_function`` (path, name, reward_kwargs merged in, through verl's own
+    ``get_custom_reward_fn``), else verl's ``default_compute_score``. Cached per process."""
+    from omegaconf import OmegaConf
+
+    custom = config.get("reward", {}).get("custom_reward_function") or {}
+    custom = OmegaConf.to_container(custom, resolve=True) if OmegaConf.is_config(custom) else dict(custom)
+    key = json.dumps(custom, sort_keys=True, default=str)
+    fn = _REWARD_FUNCTIONS.get(key)
+    if fn is None:
+        from verl.trainer.ppo.reward import get_custom_reward_fn
+        from verl.utils.reward_score import default_compute_score
+
+        fn = get_custom_reward_fn(config) or default_compute_score
+        _REWARD_FUNCTIONS[key] = fn
+    return fn
+
+
+def reward_value(result: Any) -> float:
+    """r_v from a reward function's result (a float, or a dict with "score", as verl reads it)."""
+    score = result["score"] if isinstance(result, Mapping) else result
+    value = float(score)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"the verifiable reward gave {value!r}; ranking a round by S_IB needs r_v in [0, 1] "
+                         "(binary reward style)")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
 # The agent loop
 # ----------------------------------------------------------------------------------------------
 
 
 @register(AGENT_NAME)
 class BranchingAgentLoop(AgentLoopBase):
-    """M initial rollouts + K latent branches of each, one trajectory per verl session."""
+    """M initial rollouts + K latent branches per parent in each of R rounds, one trajectory per verl session."""
 
     # Injected by tests / the CPU demo: replaces LatentSampler.from_checkpoint (in_process backend).
     sampler_factory = None
@@ -499,14 +744,14 @@ class BranchingAgentLoop(AgentLoopBase):
                 f"{AGENT_NAME} needs the 'session_id' and 'uid' kwargs of verl's V1 rollout (AgentLoopManagerTQ); "
                 f"got keys {sorted(kwargs)}"
             )
-        check_group_layout(int(self.rollout_config.n), cfg.num_initial, cfg.num_branches)
+        check_group_layout(int(self.rollout_config.n), cfg.num_initial, cfg.num_branches, cfg.rounds)
         session_id = int(kwargs["session_id"])
-        role = session_role(session_id, cfg.num_initial, cfg.num_branches)
+        role = session_role(session_id, cfg.num_initial, cfg.num_branches, cfg.rounds)
         global_steps = kwargs.get("global_steps")
         seeds = session_seeds(prompt_seed_key(kwargs), global_steps, role, int(self.rollout_config.seed),
                               cfg.sampling_seed)
         key = (str(kwargs["uid"]), str(global_steps))
-        total_sessions = cfg.num_initial * (1 + cfg.num_branches)
+        total_sessions = cfg.group_size
         registry = group_registry()
         group = registry.get(key, cfg.num_initial)
         try:
@@ -515,12 +760,15 @@ class BranchingAgentLoop(AgentLoopBase):
                 return await self._run_initial(group, role, seeds, prompt_ids, sampling_params, kwargs)
             return await self._run_branch(group, role, seeds, prompt_ids, sampling_params, kwargs)
         except BaseException as err:
-            # Whatever failed in a parent session, its branches must not wait for it.
-            future = group.parents[role.parent_index]
-            if role.role == ROLE_INITIAL and not future.done():
-                future.set_exception(
-                    ParentRolloutError(f"initial rollout {role.parent_index} of prompt {kwargs['uid']} failed: {err!r}")
-                )
+            # Whatever failed in a session, the sessions that wait for it must not keep waiting.
+            if role.role == ROLE_INITIAL:
+                if not group.parents[role.parent_index].done():
+                    publish_source(group, role.parent_index, 1, cfg.rounds, ParentRolloutError(
+                        f"initial rollout {role.parent_index} of prompt {kwargs['uid']} failed: {err!r}"))
+            elif role.round_index < cfg.rounds:
+                fail_round(group, role.parent_index, role.round_index, cfg.rounds, ParentRolloutError(
+                    f"round {role.round_index} of parent {role.parent_index} of prompt {kwargs['uid']} failed: "
+                    f"branch {role.branch_index} (session {session_id}): {err!r}"))
             raise
         finally:
             registry.session_finished(key, total_sessions)
@@ -559,6 +807,18 @@ class BranchingAgentLoop(AgentLoopBase):
             extra_fields=extra_fields,
         )
 
+    def _entropies(self, out, num_tokens: int, what: str) -> torch.Tensor:
+        topk = out.extra_fields.get(TOPK_LOGPROBS_FIELD)
+        if topk is None:
+            raise RuntimeError(
+                f"the rollout server returned no '{TOPK_LOGPROBS_FIELD}' for {what}: {AGENT_NAME} needs "
+                "actor_rollout_ref.rollout.name=iib_lpo_vllm (verl_patches.rollout_server)"
+            )
+        entropies = entropies_from_topk(topk, self.vocab_size)[:num_tokens]
+        if entropies.shape[0] != num_tokens:
+            raise RuntimeError(f"{entropies.shape[0]} entropies for {num_tokens} response tokens of {what}")
+        return entropies
+
     # -- initial rollout ----------------------------------------------------------------------
 
     async def _run_initial(
@@ -580,15 +840,7 @@ class BranchingAgentLoop(AgentLoopBase):
             raise ParentRolloutError(f"initial rollout {role.parent_index} was aborted by the server")
         response_ids = list(out.token_ids)[: self.response_length]
         logprobs = list(out.log_probs)[: len(response_ids)] if out.log_probs else None
-        topk = out.extra_fields.get(TOPK_LOGPROBS_FIELD)
-        if topk is None:
-            raise RuntimeError(
-                f"the rollout server returned no '{TOPK_LOGPROBS_FIELD}': {AGENT_NAME} needs "
-                "actor_rollout_ref.rollout.name=iib_lpo_vllm (verl_patches.rollout_server)"
-            )
-        entropies = entropies_from_topk(topk, self.vocab_size)[: len(response_ids)]
-        if entropies.shape[0] != len(response_ids):
-            raise RuntimeError(f"{entropies.shape[0]} entropies for {len(response_ids)} response tokens")
+        entropies = self._entropies(out, len(response_ids), f"initial rollout {role.parent_index}")
         decision = choose_fork_position(
             entropies, cfg.branching, seed=seeds.fork if cfg.branching.strategy == "uniform" else None
         )
@@ -604,15 +856,20 @@ class BranchingAgentLoop(AgentLoopBase):
             decision=decision,
             min_global_steps=out.extra_fields.get("min_global_steps"),
             max_global_steps=out.extra_fields.get("max_global_steps"),
+            session_id=role.parent_index,
+            round_index=0,
         )
         if future.done():  # evicted from the registry meanwhile: nobody is waiting
             logger.warning("parent %d of %s finished after its group was dropped", role.parent_index, kwargs["uid"])
         else:
-            future.set_result(result)
+            publish_source(group, role.parent_index, 1, cfg.rounds, result)
         extra = {
             "iib_role": ROLE_INITIAL,
             "iib_parent_index": role.parent_index,
             "iib_branch_index": -1,
+            "iib_round": 0,
+            "iib_fork_source": -1,
+            "iib_fork_source_length": -1,
             "iib_fork_position": decision.position if decision.position is not None else -1,
             "iib_fork_entropy": decision.entropy if decision.entropy is not None else math.nan,
             "iib_fork_reason": decision.reason if cfg.num_branches > 0 else FORK_REASON_NO_BRANCHES,
@@ -625,14 +882,18 @@ class BranchingAgentLoop(AgentLoopBase):
             "iib_generated_length": len(response_ids),
             "iib_num_cached_tokens": out.extra_fields.get("num_cached_tokens"),
             "iib_mean_entropy": float(entropies.mean()) if entropies.numel() else math.nan,
+            "iib_loop_keep": LOOP_KEEP_NONE,
+            "iib_loop_reward": math.nan,
+            "iib_loop_ib_score": math.nan,
         }
         return self._output(prompt_ids, response_ids, [1] * len(response_ids), logprobs, metrics, extra, out)
 
     # -- branch -------------------------------------------------------------------------------
 
-    async def _latents_for_parent(self, group, parent_index: int, parent: ParentResult, seed: int, kwargs):
+    async def _latents_for_parent(self, group, parent_index: int, round_index: int, parent: ParentResult, seed: int,
+                                  kwargs):
         """The K latents of one fork point: requested once (by the first branch that needs them)."""
-        task = group.latents.get(parent_index)
+        task = group.latents.get((parent_index, round_index))
         if task is None:
             prefix_text = self.tokenizer.decode(parent.response_ids[: parent.decision.position], skip_special_tokens=True)
             question = _question_text(kwargs)
@@ -641,23 +902,120 @@ class BranchingAgentLoop(AgentLoopBase):
             condition = build_condition_text(question, prefix_text)
             client = get_latent_service_client(self.iib.service, sampler_factory=type(self).sampler_factory)
             task = asyncio.ensure_future(client.sample(condition, self.iib.num_branches, self.iib.schedule.scale, seed))
-            group.latents[parent_index] = task
+            group.latents[(parent_index, round_index)] = task
         return await asyncio.shield(task)
+
+    async def _wait_for_source(self, group, role, kwargs) -> ParentResult:
+        """Round r's fork source; a round-r branch waits at most r x parent_wait_timeout_s (each round
+        before it is one generation to wait for)."""
+        cfg = self.iib
+        timeout = cfg.parent_wait_timeout_s * role.round_index
+        try:
+            return await asyncio.wait_for(asyncio.shield(group.source(role.parent_index, role.round_index)),
+                                          timeout=timeout)
+        except asyncio.TimeoutError:
+            if role.round_index == 1:
+                raise ParentRolloutError(
+                    f"branch {role.branch_index} of prompt {kwargs['uid']}: parent {role.parent_index} did not finish "
+                    f"within iib_lpo.agent_loop.parent_wait_timeout_s={cfg.parent_wait_timeout_s}"
+                ) from None
+            raise ParentRolloutError(
+                f"branch {role.branch_index} of round {role.round_index} of prompt {kwargs['uid']}: the survivor of "
+                f"round {role.round_index - 1} of parent {role.parent_index} was not chosen within {timeout}s "
+                f"({role.round_index} x iib_lpo.agent_loop.parent_wait_timeout_s)"
+            ) from None
+
+    async def _in_loop_reward(self, response_ids: list[int], kwargs: dict) -> float:
+        """r_v of a ranked round's branch, computed here because the next round needs it now.
+
+        The function and its inputs are those of verl's reward manager (``load_reward_function``:
+        the configured ``reward.custom_reward_function`` with its reward_kwargs; the response decoded
+        with ``skip_special_tokens=True``; the row's data_source, reward_model.ground_truth and
+        extra_info), so the value is the one verl computes again for the batch after the rollout
+        (verl's reward path is not reachable from inside an agent loop's run()).
+        """
+        reward_model = kwargs.get("reward_model")
+        if not isinstance(reward_model, Mapping) or "ground_truth" not in reward_model:
+            raise ValueError(
+                f"prompt uid={kwargs.get('uid')}: iib_lpo.ib.rounds={self.iib.rounds} ranks each round's branches in "
+                "the rollout with the verifiable reward and needs the row's reward_model.ground_truth"
+            )
+        fn = load_reward_function(self.config)
+        text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
+        extra_info = dict(kwargs.get("extra_info") or {})
+        call = partial(fn, data_source=kwargs.get("data_source"), solution_str=text,
+                       ground_truth=reward_model["ground_truth"], extra_info=extra_info)
+        result = await asyncio.get_running_loop().run_in_executor(None, call)
+        if inspect.isawaitable(result):
+            result = await result
+        return reward_value(result)
+
+    async def _rank_round(self, group, role, record: BranchRecord, source: ParentResult, kwargs) -> RoundOutcome:
+        """Report this branch to its round's selection and wait for the outcome; the branch that
+        completes the round selects (``ib_step.round_keep_and_survivor``) and publishes the next
+        round's fork source."""
+        cfg = self.iib
+        state = group.round_state(role.parent_index, role.round_index)
+        state.records[role.branch_index] = record
+        if len(state.records) == cfg.num_branches and not state.outcome.done():
+            try:
+                outcome = self._select(role, [state.records[k] for k in range(cfg.num_branches)], source, kwargs)
+            except BaseException as err:
+                fail_round(group, role.parent_index, role.round_index, cfg.rounds, ParentRolloutError(
+                    f"selecting the survivor of round {role.round_index} of parent {role.parent_index} of prompt "
+                    f"{kwargs['uid']} failed: {err!r}"))
+                raise
+            state.outcome.set_result(outcome)
+            publish_source(group, role.parent_index, role.round_index + 1, cfg.rounds, outcome.next_source)
+        try:
+            return await asyncio.wait_for(asyncio.shield(state.outcome), timeout=cfg.parent_wait_timeout_s)
+        except asyncio.TimeoutError:
+            err = ParentRolloutError(
+                f"branch {role.branch_index} of round {role.round_index} of prompt {kwargs['uid']}: the other branches "
+                f"of parent {role.parent_index}'s round did not finish within "
+                f"iib_lpo.agent_loop.parent_wait_timeout_s={cfg.parent_wait_timeout_s}"
+            )
+            fail_round(group, role.parent_index, role.round_index, cfg.rounds, err)
+            raise err from None
+
+    def _select(self, role, records: list[BranchRecord], source: ParentResult, kwargs) -> RoundOutcome:
+        cfg = self.iib
+        scores = torch.tensor([r.score for r in records], dtype=torch.float32)
+        keep, best = round_keep_and_survivor(scores, cfg.ib.top_n, role.round_index)
+        next_round = role.round_index + 1
+        if best is None:  # only with top_n=0, which rounds_problems refuses
+            decision = ForkDecision(None, None, FORK_REASON_NO_SURVIVOR, 0)
+            return RoundOutcome(tuple(keep), tuple(scores.tolist()), None, dataclasses.replace(source, decision=decision))
+        survivor = records[best]
+        fork_seed, _ = fork_seeds(prompt_seed_key(kwargs), kwargs.get("global_steps"), role.parent_index, next_round,
+                                  int(self.rollout_config.seed))
+        decision = survivor_fork_decision(survivor.entropies, survivor.prefix_length, cfg.branching, fork_seed)
+        if not decision.should_fork:
+            logger.info("survivor (branch %d) of round %d of parent %d of %s not forked: %s", best, role.round_index,
+                        role.parent_index, kwargs["uid"], decision.reason)
+        next_source = ParentResult(
+            request_id=source.request_id,  # the lineage's request id: sticky to the same replica
+            prompt_ids=source.prompt_ids,
+            response_ids=survivor.response_ids,
+            response_logprobs=survivor.response_logprobs,
+            entropies=survivor.entropies,
+            decision=decision,
+            min_global_steps=survivor.min_global_steps,
+            max_global_steps=survivor.max_global_steps,
+            session_id=survivor.session_id,
+            round_index=role.round_index,
+        )
+        return RoundOutcome(tuple(keep), tuple(scores.tolist()), best, next_source)
 
     async def _run_branch(
         self, group, role, seeds: SessionSeeds, prompt_ids, sampling_params, kwargs
     ) -> AgentLoopOutput:
         cfg = self.iib
-        try:
-            parent: ParentResult = await asyncio.wait_for(
-                asyncio.shield(group.parents[role.parent_index]), timeout=cfg.parent_wait_timeout_s
-            )
-        except asyncio.TimeoutError:
-            raise ParentRolloutError(
-                f"branch {role.branch_index} of prompt {kwargs['uid']}: parent {role.parent_index} did not finish "
-                f"within iib_lpo.agent_loop.parent_wait_timeout_s={cfg.parent_wait_timeout_s}"
-            ) from None
+        parent = await self._wait_for_source(group, role, kwargs)
         decision = parent.decision
+        # a round the rollout ranks itself (r < R): its branches also need top-k log-probs (entropies
+        # to fork the survivor again), the verifiable reward and S_IB
+        ranked = decision.should_fork and role.round_index < cfg.rounds
         metrics: dict[str, Any] = {}
         scale, latent_prob, latent_norm, image_data = 0.0, 0.0, math.nan, None
         latent_status = LATENT_NO_FORK
@@ -681,7 +1039,8 @@ class BranchingAgentLoop(AgentLoopBase):
             else:
                 latent_status, scale = LATENT_INJECTED, cfg.schedule.scale
                 with simple_timer("latent_sampling", metrics):
-                    draw = await self._latents_for_parent(group, role.parent_index, parent, seeds.latent, kwargs)
+                    draw = await self._latents_for_parent(group, role.parent_index, role.round_index, parent,
+                                                          seeds.latent, kwargs)
                 from verl_patches.vllm_latent import LATENT_MODALITY, build_latent_prompt
 
                 latent = draw.embeddings[role.branch_index]
@@ -690,6 +1049,7 @@ class BranchingAgentLoop(AgentLoopBase):
                 image_data = request["multi_modal_data"][LATENT_MODALITY]
                 latent_norm = float(draw.embedding_norms[role.branch_index])
         max_tokens = self.response_length - fork_position
+        extra_request = {"num_topk_logprobs": cfg.entropy.top_k} if ranked else {}
         with simple_timer("generate_sequences", metrics):
             out = await self.server_manager.generate(
                 # The parent's request id: verl's sticky router sends the branch to the parent's
@@ -698,6 +1058,7 @@ class BranchingAgentLoop(AgentLoopBase):
                 prompt_ids=engine_prompt,
                 sampling_params=self._sampling_params(sampling_params, max_tokens, seeds.sampling),
                 image_data=image_data,
+                **extra_request,
             )
         if out.stop_reason == "aborted" and not out.token_ids:
             raise RuntimeError(f"branch {role.branch_index} of parent {role.parent_index} was aborted by the server")
@@ -710,10 +1071,39 @@ class BranchingAgentLoop(AgentLoopBase):
             )
         else:
             response_ids, response_mask, logprobs = continuation, [1] * len(continuation), cont_logprobs
+        min_steps = out.extra_fields.get("min_global_steps")
+        if decision.should_fork:
+            # The prefix was generated with the ancestors' weights versions.
+            steps = [s for s in (parent.min_global_steps, min_steps) if s is not None]
+            min_steps = min(steps) if steps else None
+        loop_keep, loop_reward, loop_score, mean_entropy = LOOP_KEEP_NONE, math.nan, math.nan, math.nan
+        if ranked:
+            what = f"branch {role.branch_index} of round {role.round_index} of parent {role.parent_index}"
+            cont_entropies = self._entropies(out, len(continuation), what)
+            entropies = torch.cat([parent.entropies[:fork_position].to(torch.float32), cont_entropies])
+            entropies = entropies[: len(response_ids)]
+            mean_entropy = float(cont_entropies.mean()) if cont_entropies.numel() else math.nan
+            with simple_timer("iib_round_reward", metrics):
+                loop_reward = await self._in_loop_reward(response_ids, kwargs)
+            loop_score = float(score_trajectories([IBInputs(
+                question=_question_text(kwargs), response=self.tokenizer.decode(response_ids, skip_special_tokens=True),
+                reward=loop_reward, num_tokens=len(response_ids), max_tokens=int(self.response_length),
+                token_entropies=entropies,
+            )], cfg.ib)[0])
+            record = BranchRecord(
+                branch_index=role.branch_index, session_id=int(kwargs["session_id"]), response_ids=response_ids,
+                response_logprobs=logprobs, entropies=entropies, prefix_length=fork_position, reward=loop_reward,
+                score=loop_score, min_global_steps=min_steps, max_global_steps=out.extra_fields.get("max_global_steps"),
+            )
+            outcome = await self._rank_round(group, role, record, parent, kwargs)
+            loop_keep = int(outcome.keep[role.branch_index])
         extra = {
             "iib_role": ROLE_BRANCH,
             "iib_parent_index": role.parent_index,
             "iib_branch_index": role.branch_index,
+            "iib_round": role.round_index,
+            "iib_fork_source": parent.session_id if decision.should_fork else -1,
+            "iib_fork_source_length": len(parent.response_ids) if decision.should_fork else -1,
             "iib_fork_position": fork_position if decision.should_fork else -1,
             "iib_fork_entropy": decision.entropy if decision.entropy is not None else math.nan,
             "iib_fork_reason": decision.reason,
@@ -725,13 +1115,14 @@ class BranchingAgentLoop(AgentLoopBase):
             "iib_prefix_length": fork_position,
             "iib_generated_length": len(continuation),
             "iib_num_cached_tokens": out.extra_fields.get("num_cached_tokens"),
-            "iib_mean_entropy": math.nan,
+            "iib_mean_entropy": mean_entropy,
+            "iib_loop_keep": loop_keep,
+            "iib_loop_reward": loop_reward,
+            "iib_loop_ib_score": loop_score,
         }
         output = self._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, out)
         if decision.should_fork:
-            # The prefix was generated with the parent's weights version.
-            steps = [s for s in (parent.min_global_steps, out.extra_fields.get("min_global_steps")) if s is not None]
-            output.extra_fields["min_global_steps"] = min(steps) if steps else None
+            output.extra_fields["min_global_steps"] = min_steps
         return output
 
 
@@ -767,7 +1158,8 @@ def _make_manager_class():
 
         def __init__(self, config, *args, **kwargs):
             self.iib = BranchingRolloutConfig.from_trainer_config(config)
-            check_group_layout(int(config.actor_rollout_ref.rollout.n), self.iib.num_initial, self.iib.num_branches)
+            check_group_layout(int(config.actor_rollout_ref.rollout.n), self.iib.num_initial, self.iib.num_branches,
+                               self.iib.rounds)
             super().__init__(config, *args, **kwargs)
 
         def generate_sequences(self, prompts):

@@ -74,7 +74,7 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
     elif estimator not in list_ib_estimators():
         problems.append(f"iib_lpo.ib.estimator={estimator!r} is unknown; registered: {list_ib_estimators()}")
     if isinstance(rounds, int) and rounds > 1:
-        # the rollout ranks rounds 1..R-1 itself (agent_loop.rounds_problems: same checks, same words)
+        # the rollout ranks rounds 1..R-1 itself (ib_step.rounds_problems: the agent loop refuses the same)
         try:
             problems += rounds_problems(IBConfig(**iib["ib"]), k)
         except (TypeError, ValueError):

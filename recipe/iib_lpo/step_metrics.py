@@ -15,6 +15,19 @@ Meanings (README, "Metrics"):
   of the initial rollouts).
 - ``response_length``: mean response length (prefix + continuation); ``rep4``: mean share of
   repeated 4-grams (``ib.repeated_ngram_fraction``) of the decoded responses.
+
+Per round (``round<r>/``, r = 0 for the initial rollouts, 1..R for the branch sessions of round r;
+logged for R = 1 too, so an R = 1 and an R = 2 run compare round by round):
+- ``round<r>/acc``: mean r_v of the round's rows (branches and resamples; round 0: initial rollouts).
+- ``round<r>/keep_rate``: kept share of the round's branches; ``round<r>/ib_score_kept`` /
+  ``round<r>/ib_score_dropped``: mean S_IB of its kept / dropped branches.
+- ``round<r>/fork_rate``: share of the round's fork sources (one per prompt and parent: the initial
+  rollout for r = 1, round r-1's survivor after) that forked; ``round<r>/fork_reason/<reason>``: share
+  per reason (``ok``, ``too_short``: the source or an earlier one in its lineage could not fork);
+  ``round<r>/fork_pos_frac``: mean t*/L of the fork points (L = the source's response length);
+  ``round<r>/fork_entropy``: mean H(t*).
+- ``round<r>/keep_agreement``: for a round the rollout ranked (r < R), the share of its branches
+  where the trainer's recomputed Top-N equals the rollout's decision (which the trainer applies).
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ def iib_lpo_step_metrics(
     keep: torch.Tensor,
     prompt_lengths: Sequence[int],
     response_texts: Sequence[str],
+    recomputed_keep: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The metrics listed in the module docstring, keyed ``iib_lpo/<name>``; undefined ones omitted."""
     n = len(roles)
@@ -91,5 +105,47 @@ def iib_lpo_step_metrics(
         [int(e.get("iib_prefix_length", 0)) + int(e.get("iib_generated_length", 0)) for e in extra_fields]
     )
     out["rep4"] = _mean([repeated_ngram_fraction(word_tokens(t)) for t in response_texts])
+    out.update(round_metrics(roles, extra_fields, rewards, scores, keep, recomputed_keep))
     # undefined means (no branches, nothing dropped, ...) are left out rather than logged as NaN
     return {PREFIX + k: v for k, v in out.items() if not math.isnan(v)}
+
+
+def round_metrics(
+    roles: Sequence[RowRole],
+    extra_fields: Sequence[dict[str, Any]],
+    rewards: torch.Tensor,
+    scores: torch.Tensor,
+    keep: torch.Tensor,
+    recomputed_keep: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """The ``round<r>/...`` metrics of the module docstring (keys without the ``iib_lpo/`` prefix;
+    undefined means are NaN)."""
+    out: dict[str, float] = {}
+    keep_list = [bool(x) for x in keep.tolist()]
+    recomputed = None if recomputed_keep is None else [bool(x) for x in recomputed_keep.tolist()]
+    for rd in sorted({r.round_index for r in roles}):
+        p = f"round{rd}/"
+        rows = [i for i, r in enumerate(roles) if r.round_index == rd]
+        out[p + "acc"] = _mean([float(rewards[i]) for i in rows])
+        if rd == 0:
+            continue
+        branches = [i for i in rows if roles[i].kind == ROW_BRANCH]
+        out[p + "keep_rate"] = _mean([1.0 if keep_list[i] else 0.0 for i in branches])
+        out[p + "ib_score_kept"] = _mean([float(scores[i]) for i in branches if keep_list[i]])
+        out[p + "ib_score_dropped"] = _mean([float(scores[i]) for i in branches if not keep_list[i]])
+        sources: dict[tuple, dict[str, Any]] = {}  # one fork decision per (prompt, parent) and round
+        for i in rows:
+            sources.setdefault((roles[i].uid, roles[i].parent_index), extra_fields[i])
+        forked = [e for e in sources.values() if int(e.get("iib_fork_position", -1)) >= 0]
+        out[p + "fork_rate"] = len(forked) / len(sources) if sources else math.nan
+        for reason, count in Counter(str(e.get("iib_fork_reason")) for e in sources.values()).items():
+            out[p + f"fork_reason/{reason}"] = count / len(sources)
+        out[p + "fork_pos_frac"] = _mean([
+            int(e["iib_fork_position"]) / max(1, int(e.get("iib_fork_source_length", -1))) for e in forked
+            if int(e.get("iib_fork_source_length", -1)) > 0
+        ])
+        out[p + "fork_entropy"] = _mean([e.get("iib_fork_entropy") for e in forked])
+        decided = [i for i in branches if roles[i].loop_keep is not None]
+        if recomputed is not None and decided:
+            out[p + "keep_agreement"] = _mean([1.0 if recomputed[i] == roles[i].loop_keep else 0.0 for i in decided])
+    return out

@@ -39,7 +39,7 @@ from verl.workers.utils.padding import response_to_nested
 
 from recipe.iib_lpo.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig, group_zscore
 from recipe.iib_lpo.ib import IBConfig, IBInputs
-from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step
+from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step, row_kind, row_role
 from recipe.iib_lpo.loss_terms import LossTermsConfig
 from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
 
@@ -62,10 +62,7 @@ def recipe_state(config: Any, global_steps: int) -> dict:
     }
 
 
-def _row_kind(extra: dict) -> str:
-    if extra.get("iib_role") == "branch":
-        return ROW_RESAMPLE if extra.get("iib_is_resample") else ROW_BRANCH
-    return ROW_INITIAL
+_row_kind = row_kind  # kind of a row from the agent loop's extra_fields (ib_step.row_kind)
 
 
 class IibLpoTrainer(PPOTrainerSync):
@@ -142,10 +139,8 @@ class IibLpoTrainer(PPOTrainerSync):
         else:
             data.batch["token_level_rewards"] = data.batch["token_level_scores"]
 
-        roles = [
-            RowRole(uid=str(u), session_id=int(s), parent_index=int(e.get("iib_parent_index", -1)), kind=_row_kind(e))
-            for u, s, e in zip(rows["uid"], rows["session_id"], rows["extra_fields"], strict=True)
-        ]
+        # kind, round and (rounds > 1) the rollout's Top-N decision of every row (ib_step.row_role)
+        roles = [row_role(u, s, e) for u, s, e in zip(rows["uid"], rows["session_id"], rows["extra_fields"], strict=True)]
         rollout_corr_config = self.config.algorithm.get("rollout_correction", None)
         bypass = rollout_corr_config is not None and rollout_corr_config.get("bypass_mode", False)
         if rollout_corr_config is not None and "rollout_log_probs" in data.batch and not bypass:
@@ -194,7 +189,8 @@ class IibLpoTrainer(PPOTrainerSync):
             keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
         )
         metrics.update(
-            iib_lpo_step_metrics(roles, rows["extra_fields"], rewards, result.scores, result.keep, prompt_lengths, texts)
+            iib_lpo_step_metrics(roles, rows["extra_fields"], rewards, result.scores, result.keep, prompt_lengths, texts,
+                                 recomputed_keep=result.recomputed_keep)
         )
         metrics["timing_s/iib_lpo_ib_filter_adv"] = time.perf_counter() - start
         self._write_step_inputs(rows, roles)
