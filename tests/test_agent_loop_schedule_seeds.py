@@ -31,10 +31,12 @@ QUESTION = "Tom has 3 apples and buys 4 more. How many?"
 def _topk_rows(num_tokens: int, vocab: int) -> np.ndarray:
     rows = []
     for t in range(num_tokens):
-        logits = torch.full((vocab,), -8.0)
+        # Peaked rows, and a high-entropy row at SPIKE. Both decay strictly beyond the top-k, so the
+        # entropy estimate's tail bound (tail tokens no more likely than the k-th) holds with margin.
+        logits = -8.0 - 0.01 * torch.arange(vocab, dtype=torch.float32)
         logits[:5] = torch.tensor([4.0, 1.0, 0.5, 0.0, -1.0])
         if t == SPIKE:
-            logits = -0.001 * torch.arange(vocab, dtype=torch.float32)
+            logits = -0.01 * torch.arange(vocab, dtype=torch.float32)
         rows.append(torch.log_softmax(logits, -1).topk(TOPK).values.numpy())
     return np.stack(rows).astype(np.float32)
 
