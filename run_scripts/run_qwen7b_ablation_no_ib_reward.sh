@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# I2B-LPO ablation on Qwen2.5-7B, one node x 8 GPUs: run_qwen7b.sh with ONE knob changed --
+#   iib_lpo.advantage.lambda_ib=0: the advantage is GRPO's z(r_v) over the kept group; the IB score still selects the Top-N branches.
+#
+#   bash run_scripts/run_qwen7b_ablation_no_ib_reward.sh [hydra overrides...]
+#   DRY_RUN=1 bash run_scripts/run_qwen7b_ablation_no_ib_reward.sh    # print the resolved config
+#
+# Reads every variable run_qwen7b.sh and run_scripts/common.sh read (DATA_DIR, OUTPUT_DIR,
+# MODEL_PATH, CVAE_CKPT, ...); EXPERIMENT_NAME defaults to ${MODEL_PROFILE}_iib_lpo_ablation_no_ib_reward.
+# LAMBDA_IB is set here and cannot be overridden from the environment (that would no longer be this
+# ablation); Hydra overrides on the command line are passed on and win.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+export EXPERIMENT_NAME="${EXPERIMENT_NAME:-${MODEL_PROFILE}_iib_lpo_ablation_no_ib_reward}"
+export LAMBDA_IB=0
+exec bash "$RUN_SCRIPTS_DIR/run_qwen7b.sh" "$@"
