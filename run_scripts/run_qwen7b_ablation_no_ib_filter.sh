@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # I2B-LPO ablation on Qwen2.5-7B, one node x 8 GPUs: run_qwen7b.sh with ONE knob changed --
-#   iib_lpo.ib.top_n=K (3): every branch is kept, so no trajectory is dropped by the IB score (it still enters the advantage).
+#   iib_lpo.ib.top_n=K (3): every branch is kept, so no trajectory is dropped by the IB score (it
+#   still enters the advantage).
 #
 #   bash run_scripts/run_qwen7b_ablation_no_ib_filter.sh [hydra overrides...]
 #   DRY_RUN=1 bash run_scripts/run_qwen7b_ablation_no_ib_filter.sh    # print the resolved config

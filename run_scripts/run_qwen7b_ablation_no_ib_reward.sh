@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # I2B-LPO ablation on Qwen2.5-7B, one node x 8 GPUs: run_qwen7b.sh with ONE knob changed --
-#   iib_lpo.advantage.lambda_ib=0: the advantage is GRPO's z(r_v) over the kept group; the IB score still selects the Top-N branches.
+#   iib_lpo.advantage.lambda_ib=0: the advantage is GRPO's z(r_v) over the kept group; the IB score
+#   still selects the Top-N branches.
 #
 #   bash run_scripts/run_qwen7b_ablation_no_ib_reward.sh [hydra overrides...]
 #   DRY_RUN=1 bash run_scripts/run_qwen7b_ablation_no_ib_reward.sh    # print the resolved config
