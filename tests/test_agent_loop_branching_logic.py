@@ -27,11 +27,21 @@ TOPK = 20
 SPIKE = 13  # the response position whose sampling distribution is nearly flat (high entropy)
 
 
-def _topk_rows(num_tokens: int, vocab: int, spike: int | None) -> np.ndarray:
-    """Top-k log-probs of a peaked distribution, except a near-uniform one at ``spike``."""
+def _topk_rows(num_tokens: int, vocab: int, spike: int | None, tail_at_kth: bool = False) -> np.ndarray:
+    """Top-k log-probs (float32 log_softmax, as vLLM) of a peaked distribution, except a
+    near-uniform one at ``spike``.
+
+    The peaked rows' other tokens decrease (-8 - 0.01 j), so the tail is strictly below the
+    k-th token and its mass about a quarter of the estimator's capacity (V - k) p_k. With
+    ``tail_at_kth`` they are all -8: the V - k tail tokens equal the k-th, m = (V - k) p_k
+    exactly, and float32 rounding lands either side of that boundary depending on the CPU.
+    """
     rows = []
     for t in range(num_tokens):
-        logits = torch.full((vocab,), -8.0)
+        if tail_at_kth:
+            logits = torch.full((vocab,), -8.0)
+        else:
+            logits = -8.0 - 0.01 * torch.arange(vocab, dtype=torch.float32)
         logits[:5] = torch.tensor([4.0, 1.0, 0.5, 0.0, -1.0]) - 0.01 * (t % 7)
         if t == spike:
             logits = torch.zeros(vocab) - 0.001 * torch.arange(vocab, dtype=torch.float32)
@@ -42,8 +52,10 @@ def _topk_rows(num_tokens: int, vocab: int, spike: int | None) -> np.ndarray:
 class FakeServer:
     """Stands in for verl's LLMServerClient: generate(request_id, *, prompt_ids, sampling_params, ...)."""
 
-    def __init__(self, vocab: int, response_tokens: int = 40, fail_parent: int | None = None, short: bool = False):
+    def __init__(self, vocab: int, response_tokens: int = 40, fail_parent: int | None = None, short: bool = False,
+                 tail_at_kth: bool = False):
         self.vocab = vocab
+        self.tail_at_kth = tail_at_kth
         self.response_tokens = response_tokens
         self.fail_prompt_calls = fail_parent
         self.short = short
@@ -71,7 +83,7 @@ class FakeServer:
         call["returned"] = tokens
         extra = {"global_steps": 5, "min_global_steps": 5, "max_global_steps": 5, "num_cached_tokens": 0}
         if num_topk_logprobs:
-            extra[al.TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab, SPIKE)[:, :num_topk_logprobs]
+            extra[al.TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab, SPIKE, self.tail_at_kth)[:, :num_topk_logprobs]
         return TokenOutput(token_ids=tokens, log_probs=logprobs, stop_reason="completed", extra_fields=extra)
 
 
@@ -103,7 +115,8 @@ def _config(model_dir, *, M=2, K=3, n=None, mode="cvae", strategy="argmax", t_ma
         "latent": {
             "mode": mode,
             "placeholder_token_id": PLACEHOLDER,
-            "alpha": {"schedule": "constant", "alpha_init": 0.5, "alpha_min": 0.0},
+            # every forked branch gets its latent (p_inject = 1), at embedding scale 0.5
+            "schedule": {"kind": "constant", "p_init": 1.0, "p_min": 1.0, "scale": 0.5},
             "service": {"backend": "in_process", "max_batch_size": 64, "max_wait_ms": 30},
         },
         "agent_loop": {"parent_wait_timeout_s": timeout, "sampling_seed": seed},
@@ -126,8 +139,10 @@ async def _run_group(config, tokenizer, server, sampler, sessions=None, uid="u1"
     al.BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler)
     n = config.actor_rollout_ref.rollout.n
     sessions = range(n) if sessions is None else sessions
+    # data_source and extra_info.index: the row fields the loop keys its seeds on, as data_prep writes them
     kwargs = dict(raw_prompt=[{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}],
-                  extra_info={"question": "Tom has 3 apples and buys 4 more. How many?"},
+                  data_source="demo_arith",
+                  extra_info={"question": "Tom has 3 apples and buys 4 more. How many?", "index": 7},
                   uid=uid, global_steps=5, index=7)
     for key in drop:
         kwargs.pop(key, None)
@@ -165,9 +180,10 @@ def test_assemble_branch_trajectory_known_answer():
         al.assemble_branch_trajectory([5], None, 1, [1, 2, 3], [-1.0, -1.0], 8)
 
 
-def test_group_branches_masks_logprobs_and_sticky_ids(tiny_qwen2_dir, tokenizer):
+@pytest.mark.parametrize("tail_at_kth", [False, True], ids=["tail_below_kth", "tail_at_kth_boundary"])
+def test_group_branches_masks_logprobs_and_sticky_ids(tiny_qwen2_dir, tokenizer, tail_at_kth):
     config = _config(tiny_qwen2_dir)
-    server, sampler = FakeServer(len(tokenizer)), FakeSampler()
+    server, sampler = FakeServer(len(tokenizer), tail_at_kth=tail_at_kth), FakeSampler()
     outputs = asyncio.run(_run_group(config, tokenizer, server, sampler))
     assert not [o for o in outputs if isinstance(o, BaseException)], outputs
     initial_calls = [c for c in server.calls if c["num_topk_logprobs"]]
@@ -175,7 +191,8 @@ def test_group_branches_masks_logprobs_and_sticky_ids(tiny_qwen2_dir, tokenizer)
     assert len(initial_calls) == 2 and len(branch_calls) == 6
     prompt_ids = outputs[0].prompt_ids
     # Fork point: recomputed independently from the fake top-k rows (argmax strategy -> the spike).
-    entropies = estimate_entropy_from_topk(torch.as_tensor(_topk_rows(40, len(tokenizer), SPIKE)), len(tokenizer)).estimate
+    rows = torch.as_tensor(_topk_rows(40, len(tokenizer), SPIKE, tail_at_kth))
+    entropies = estimate_entropy_from_topk(rows, len(tokenizer)).estimate
     expected = choose_fork_position(entropies, BranchingConfig(rho=0.05, t_min=1, t_margin=8, strategy="argmax"))
     assert expected.position == SPIKE
     for i in range(2):
@@ -194,7 +211,8 @@ def test_group_branches_masks_logprobs_and_sticky_ids(tiny_qwen2_dir, tokenizer)
             assert branch.response_logprobs[:SPIKE] == parent.response_logprobs[:SPIKE]
             assert len(branch.response_logprobs) == len(branch.response_ids) == 48  # 13 prefix + 35 new
             assert ef["iib_generated_length"] == 48 - SPIKE
-            assert ef["iib_alpha"] == 0.5 and ef["iib_latent_status"] == "injected"
+            assert ef["iib_latent_scale"] == 0.5 and ef["iib_latent_prob"] == 1.0
+            assert ef["iib_latent_status"] == "injected"
     # Each branch request: parent's request id, prompt + prefix + placeholder, its own latent.
     parent_tokens = {c["request_id"]: c["returned"] for c in initial_calls}
     assert len(parent_tokens) == 2
@@ -222,7 +240,8 @@ def test_latent_mode_none_forks_without_latent(tiny_qwen2_dir, tokenizer):
     for c in server.calls:
         if not c["num_topk_logprobs"]:
             assert c["image_data"] is None and len(c["prompt_ids"]) == prompt_len + SPIKE
-    assert all(o.extra_fields["iib_alpha"] == 0.0 for o in outputs[2:])
+    assert all(o.extra_fields["iib_latent_scale"] == 0.0 and o.extra_fields["iib_latent_prob"] == 0.0
+               for o in outputs[2:])
     assert all(o.extra_fields["iib_latent_status"] == "disabled" for o in outputs[2:])
     assert all(math.isnan(o.extra_fields["iib_latent_norm"]) for o in outputs[2:])
 
@@ -307,17 +326,20 @@ def test_deterministic_under_a_seed(tiny_qwen2_dir, tokenizer):
     assert first[0][0] != first[1][0]  # the two initial rollouts differ
 
 
-def test_alpha_schedule_by_global_step(tiny_qwen2_dir):
-    config = _config(tiny_qwen2_dir)
-    cfg = al.BranchingRolloutConfig.from_trainer_config(config)
-    assert cfg.alpha_at(5) == 0.5
-    cos = al.BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
-                                    alpha=al.AlphaSchedule(schedule="linear", alpha_init=1.0, alpha_min=0.0))
-    assert cos.alpha_at(1) == 1.0 and math.isclose(cos.alpha_at(6), 0.5) and cos.alpha_at(50) == 0.0
+def test_latent_schedule_by_global_step(tiny_qwen2_dir):
+    from recipe.iib_lpo.alpha_schedule import LatentSchedule
+
+    cfg = al.BranchingRolloutConfig.from_trainer_config(_config(tiny_qwen2_dir))
+    assert cfg.latent_probability(5) == 1.0 and cfg.schedule.scale == 0.5
+    # verl's global step g is 1-based (schedule step g - 1): linear from 1 to 0 over 10 steps
+    lin = al.BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
+                                    schedule=LatentSchedule(kind="linear", p_init=1.0, p_min=0.0))
+    assert lin.latent_probability(1) == 1.0 and math.isclose(lin.latent_probability(6), 0.5)
+    assert lin.latent_probability(50) == 0.0
     none = al.BranchingRolloutConfig(latent_mode="none")
-    assert none.alpha_at(3) == 0.0
+    assert none.latent_probability(3) == 0.0
     with pytest.raises(ValueError, match="total_training_steps"):
-        al.BranchingRolloutConfig(placeholder_token_id=3, alpha=al.AlphaSchedule(schedule="cosine")).alpha_at(2)
+        al.BranchingRolloutConfig(placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
 
 
 def test_placeholder_in_prefix_forks_without_latent(tiny_qwen2_dir, tokenizer):
@@ -334,7 +356,7 @@ def test_placeholder_in_prefix_forks_without_latent(tiny_qwen2_dir, tokenizer):
     assert not [o for o in outputs if isinstance(o, BaseException)], outputs
     for branch in outputs[1:]:
         assert branch.extra_fields["iib_latent_status"] == "placeholder_in_context"
-        assert branch.extra_fields["iib_alpha"] == 0.0 and branch.extra_fields["iib_fork_position"] == SPIKE
+        assert branch.extra_fields["iib_latent_scale"] == 0.0 and branch.extra_fields["iib_fork_position"] == SPIKE
         assert branch.response_ids[:SPIKE] == outputs[0].response_ids[:SPIKE]
     assert sampler.calls == [] and all(c["image_data"] is None for c in server.calls)
 

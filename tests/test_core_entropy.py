@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from recipe.iib_lpo.entropy import EntropyConfig, entropy_from_logits, estimate_entropy_from_topk
+from recipe.iib_lpo.entropy import EntropyConfig, EntropyEstimate, entropy_from_logits, estimate_entropy_from_topk
 
 K = 20
 V = 4096
@@ -145,6 +145,138 @@ def test_topk_bad_input():
         estimate_entropy_from_topk(torch.log(torch.tensor([[0.6, 0.1]])), 4)
     with pytest.raises(ValueError, match="positive"):
         estimate_entropy_from_topk(torch.tensor([[0.5, -1.0]]), 10)
+    with pytest.raises(ValueError, match="eps"):
+        estimate_entropy_from_topk(torch.log(torch.tensor([[0.5, 0.2]])), 10, eps=-1.0)
+
+
+# --- float rounding at the edge of the premise m <= (V - k) p_k --------------------------------
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _slack(topk32: torch.Tensor, topk64: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """How far float32 rounding of the input may move the bracket, per row: with every top-k
+    log-prob off by at most e (measured against float64), known = -sum p l moves by at most
+    e * sum p (1 + |l|) and the tail bounds by at most e * (1 + |log p_min|) (their slope in m),
+    so 2 e (1 + max |l|); times 3 for margin (the worst seen here is e (1 + max |l|)), plus the
+    float32 rounding of the returned values. CPU float32 log_softmax over 151936 equal tail
+    logits errs by up to ~1e-3 (the sum of equal terms rounds the same way each time)."""
+    e = (topk32.double() - topk64).abs().max(dim=-1).values
+    return 6 * e * (1 + topk64.abs().max(dim=-1).values) + 1e-6 * (1 + exact)
+
+
+def _rows_with_tail_at(kth_offset: float, vocab: int, rows: int, gen: torch.Generator) -> torch.Tensor:
+    """float32 logits [rows, V]: k random top logits, then V - k tail logits all equal to the k-th
+    logit minus ``kth_offset`` (0: the tail mass is exactly (V - k) p_k, the premise's boundary).
+    Peaks of random height make the tail mass range from ~0 to ~1 across rows."""
+    top = torch.randn(rows, K, generator=gen) * (0.5 + 3 * torch.rand(rows, 1, generator=gen))
+    top[:, 0] += torch.rand(rows, generator=gen) * 15
+    logits = (top.min(dim=-1, keepdim=True).values - kth_offset).expand(rows, vocab).clone()
+    logits[:, :K] = top
+    return logits[:, torch.randperm(vocab, generator=gen)]  # tail and top-k interleaved
+
+
+def _check_bracket(logits: torch.Tensor, vocab: int) -> tuple[EntropyEstimate, torch.Tensor, torch.Tensor]:
+    """float32 log_softmax -> top-k -> estimate: no raise, a valid bracket, and the float64 exact
+    entropy of the same logits inside it up to the propagated input rounding (``_slack``)."""
+    assert logits.dtype == torch.float32
+    topk, index = torch.log_softmax(logits, dim=-1).topk(K, dim=-1)
+    est = estimate_entropy_from_topk(topk, vocab)  # must not raise
+    exact = _reference_entropy(logits)
+    slack = _slack(topk, torch.log_softmax(logits.double(), dim=-1).gather(-1, index), exact)
+    assert (est.lower <= est.estimate).all() and (est.estimate <= est.upper).all()
+    # m is clamped into [0, (V - k) p_k] (1e-6: the float32 rounding of the returned m, 16 ulps)
+    capacity = (vocab - K) * topk.double().exp().min(-1).values
+    assert (est.tail_mass >= 0).all() and (est.tail_mass.double() <= capacity * (1 + 1e-6)).all()
+    assert (est.lower.double() <= exact + slack).all(), (est.lower.double() - exact - slack).max()
+    assert (est.upper.double() >= exact - slack).all(), (exact - est.upper.double() - slack).max()
+    return est, exact, slack
+
+
+@pytest.mark.parametrize("vocab", [380, 384, 151936])
+def test_topk_float32_tail_at_kth_logit_never_raises_and_brackets_exact(vocab):
+    # The tail tokens are copies of the k-th logit: exact arithmetic puts m exactly on the
+    # capacity (V - k) p_k, float32 rounding of the log_softmax either side of it.
+    for seed in range(40 if vocab < 1000 else 6):
+        logits = _rows_with_tail_at(0.0, vocab, rows=32, gen=torch.Generator().manual_seed(seed))
+        est, exact, slack = _check_bracket(logits, vocab)
+        # On the boundary the tail is uniform at p_k: both bounds are the exact entropy.
+        assert ((est.estimate.double() - exact).abs() <= slack).all()
+        assert ((est.upper - est.lower).double() <= slack).all()
+
+
+@pytest.mark.parametrize("vocab", [380, 151936])
+@pytest.mark.parametrize("offset", [2**-20, 1e-4, 1e-2, 1.0])
+def test_topk_float32_tail_just_below_kth_logit(vocab, offset):
+    # Around the boundary from the legitimate side (the tail cannot be above the k-th token);
+    # 2**-20 is 1-8 float32 ulps of logits of order 1-10: within rounding of the boundary.
+    for seed in range(10 if vocab < 1000 else 2):
+        gen = torch.Generator().manual_seed(100 + seed)
+        _check_bracket(_rows_with_tail_at(offset, vocab, rows=32, gen=gen), vocab)
+
+
+def test_topk_float32_tail_partly_at_kth_logit():
+    # Half the tail equals the k-th logit, the rest is spread below it.
+    vocab = 380
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(200 + seed)
+        logits = _rows_with_tail_at(0.0, vocab, rows=32, gen=gen)
+        kth = logits.topk(K, dim=-1).values[:, -1:]
+        spread = kth - torch.rand(logits.shape, generator=gen) * 5
+        logits = torch.where((logits <= kth) & (torch.rand(logits.shape, generator=gen) < 0.5), spread, logits)
+        _check_bracket(logits, vocab)
+
+
+def _fake_server_row(vocab: int) -> torch.Tensor:
+    """float64 log-probs of the row that failed on another CPU: 5 peaked logits, all others -8
+    (so V - k tail tokens equal the k-th): m = (V - k) p_k exactly."""
+    logits = torch.full((1, vocab), -8.0, dtype=torch.float64)
+    logits[0, :5] = torch.tensor([4.0, 1.0, 0.5, 0.0, -1.0], dtype=torch.float64)
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("vocab", [384, 151936])
+def test_topk_normaliser_rounding_is_tolerated_and_gross_errors_raise(vocab):
+    # A log-normaliser rounded up by s shifts every log-prob by -s: m exceeds the capacity by
+    # 1 - exp(-s). 2.07e-6 is what one CPU produced (the old fixed 1e-6 + 1e-4 m tolerance
+    # raised); the documented float32 rule allows about EPS32 * V, so test well inside it
+    # (a quarter) and far outside it (ten times).
+    exact_lp = _fake_server_row(vocab)
+    exact = _reference_entropy(exact_lp)
+    for shift in (2.07e-6, 0.25 * EPS32 * vocab):
+        topk = (exact_lp - shift).topk(K, dim=-1).values.float()
+        est = estimate_entropy_from_topk(topk, vocab)
+        slack = _slack(topk, exact_lp.topk(K, dim=-1).values, exact).item()
+        assert est.lower.double().item() - slack <= exact.item() <= est.upper.double().item() + slack
+        assert est.tail_mass.item() <= (vocab - K) * topk.double().exp().min().item() * (1 + 1e-6)
+    with pytest.raises(ValueError, match=r"tail mass .* not even within float rounding"):
+        estimate_entropy_from_topk((exact_lp - 10 * EPS32 * vocab).topk(K, dim=-1).values.float(), vocab)
+    # From above: a normaliser rounded down by s scales the probabilities by exp(s). On a row
+    # whose top k hold all the mass (the rest is -inf), a quarter of EPS32 * V passes as exact,
+    # ten times that means the top k alone hold more than all the mass.
+    full = torch.full((1, vocab), -float("inf"), dtype=torch.float64)
+    top = torch.randn(K, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    full[0, :K] = torch.log_softmax(top, -1)
+    topk = (full[:, :K] + 0.25 * EPS32 * vocab).float()
+    est = estimate_entropy_from_topk(topk, vocab)
+    assert est.tail_mass.item() == 0.0 and est.lower.item() == est.upper.item()
+    exact = _reference_entropy(full)
+    assert abs(est.estimate.item() - exact.item()) <= _slack(topk, full[:, :K], exact).item()
+    with pytest.raises(ValueError, match="sum to"):
+        estimate_entropy_from_topk((full[:, :K] + 10 * EPS32 * vocab).float(), vocab)
+
+
+def test_topk_tolerance_follows_the_stated_precision():
+    # The same float32-rounded values upcast to float64 claim float64 precision: the 2e-5
+    # excess is then far beyond rounding. eps= states the precision they really have.
+    vocab = 384
+    topk = (_fake_server_row(vocab) - 2e-5).topk(K, dim=-1).values.float().double()
+    with pytest.raises(ValueError, match="tail mass"):
+        estimate_entropy_from_topk(topk, vocab)
+    est = estimate_entropy_from_topk(topk, vocab, eps=EPS32)
+    assert est.estimate.dtype == torch.float64
+    exact = _reference_entropy(_fake_server_row(vocab))
+    assert abs(est.estimate.item() - exact.item()) <= _slack(topk, _fake_server_row(vocab).topk(K).values, exact).item()
 
 
 def test_entropy_config_defaults_and_validation():

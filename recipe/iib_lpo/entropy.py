@@ -4,20 +4,25 @@ Two ways to get H_t for a generated token:
 
 * ``entropy_from_logits``: exact, needs the full logits row (the actor / reference forward pass
   has them; verl's actor computes the same quantity for its ``entropy`` field).
-* ``estimate_entropy_from_topk``: from the top-k log-probs a rollout engine returns (vLLM
-  returns log-probs of the *full* distribution for the k most likely tokens). The unseen tail
-  is bounded from both sides, so the result carries a guaranteed bracket [lower, upper] and a
-  point estimate (the midpoint). METHOD.md allows this with k >= 20 if the error is measured;
-  the measurements are in the docstring below and in tests/test_core_entropy.py.
+* ``estimate_entropy_from_topk``: from the top-k log-probs a rollout engine returns (for the
+  k most likely tokens vLLM returns log-probs normalised over the whole vocabulary, not over
+  the k). The unseen tail is bounded from both sides, so the result carries a guaranteed
+  bracket [lower, upper] and a point estimate (the midpoint). METHOD.md allows this with
+  k >= 20 if the error is measured; the measurements are in the docstring below and in
+  tests/test_core_entropy.py.
 
-Which distribution: H_t is the entropy of softmax(logits / temperature), i.e. the distribution
-the sampler draws from *before* top-p / top-k truncation (decision: truncation changes with
-sampling settings, the temperature-scaled policy is what the latent steers and what the
-actor's entropy measures when it is given the same temperature). For the top-k estimate the
-caller must pass log-probs of that same temperature-scaled distribution; vLLM's default
-``logprobs_mode="raw_logprobs"`` returns log-probs *before* temperature, so with T != 1 set
-``logprobs_mode="processed_logprobs"`` (the raw top-k cannot be re-tempered exactly: the
-normaliser over the unseen tail is unknown).
+Which distribution: H_t is the entropy of the distribution the token was actually sampled from.
+The rollout gets it from the engine's top-k log-probs in vLLM's
+``logprobs_mode="processed_logprobs"`` (``verl_patches.vllm_latent.spec.SAMPLING_LOGPROBS_MODE``;
+the rollout server refuses top-k requests in any other mode): log-probs of
+softmax(logits / temperature) AFTER top-k / top-p truncation and renormalisation (truncated
+tokens, and the banned latent placeholder, are -inf). So with top_p < 1 or top_k > 0 the
+rollout's H_t is the entropy of the truncated sampling distribution; the bracket stays valid
+for it (tail tokens may have probability 0). vLLM's default ``"raw_logprobs"`` are before
+temperature and truncation, i.e. not the sampled distribution, and a raw top-k cannot be
+re-tempered exactly (the normaliser over the unseen tail is unknown). ``entropy_from_logits``
+applies the temperature only: it is the same quantity when top_p = 1 and top-k is off, or when
+the caller sets the truncated tokens' logits to -inf.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ def _check_finite_or_neg_inf(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or +inf (first at index {first})")
 
 
+def _first_row(bad: torch.Tensor) -> tuple[int, ...]:
+    """Index (a tuple, () for a single row) of the first set entry of a row-shaped bool ``bad``."""
+    return tuple(int(i) for i in torch.nonzero(bad)[0].tolist())
+
+
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Exact entropy (nats) of softmax(logits / temperature) over the last dimension.
 
@@ -105,7 +115,9 @@ class EntropyEstimate(NamedTuple):
     """Entropy of a distribution known only through its top-k probabilities (all ``[...]``, nats).
 
     ``lower <= exact <= upper`` is guaranteed whenever the inputs are the top-k log-probs of
-    the full distribution over ``vocab_size`` tokens; ``estimate`` is the midpoint.
+    the full distribution over ``vocab_size`` tokens (up to the effect of their float rounding,
+    see ``estimate_entropy_from_topk``); ``estimate`` is the midpoint, and always
+    ``lower <= estimate <= upper``.
     ``tail_mass`` is m = 1 - sum(top-k probs), the probability not covered by the top-k.
     """
 
@@ -119,19 +131,42 @@ def estimate_entropy_from_topk(
     topk_logprobs: torch.Tensor,
     vocab_size: int,
     *,
-    mass_tolerance: float = 1e-4,
+    eps: float | None = None,
 ) -> EntropyEstimate:
     r"""Bracket and estimate the entropy from the top-k log-probs of the full distribution.
 
     Args:
         topk_logprobs: ``[..., k]`` log-probs (natural log) of the k most likely tokens of the
-            full (temperature-scaled) distribution, in any order; k distinct tokens (drop the
-            extra "sampled token" entry vLLM appends when it is not in the top k). ``-inf``
-            entries (fewer than k tokens with non-zero probability) count as probability 0.
+            sampling distribution over all V tokens (vLLM's processed log-probs: after
+            temperature and top-k/top-p, see the module docstring), in any order; k distinct
+            tokens (drop the extra "sampled token" entry vLLM appends when it is not in the top
+            k). ``-inf`` entries (fewer than k tokens with non-zero probability) count as
+            probability 0, exactly.
         vocab_size: V, the number of tokens the distribution is over (the model's logits
             width, e.g. 151936 for Qwen2.5), V >= k.
-        mass_tolerance: how far above 1 the top-k probabilities may sum (float rounding in
-            the engine) before the input is rejected as not being log-probs of one distribution.
+        eps: machine epsilon of the arithmetic that produced the log-probs; default
+            ``torch.finfo(topk_logprobs.dtype).eps``. Pass float32's eps for float32
+            log-probs that were upcast to float64 before this call.
+
+    Float rounding (the acceptance rule). The log-probs are a rounded log_softmax (vLLM: float32
+    over V logits), so each finite entry l_i is taken as exact only up to
+    tol_i = eps * (2 |l_i| + V + 2) in log space, a worst-case bound on a float log_softmax's
+    error: at most eps |l_i| for each of the two subtractions in
+    l_i = (x_i - max x) - log sum_j exp(x_j - max x) (|l_i| bounds their operands), and below
+    0.7 V eps + (eps / 2) log V for the normaliser (rounding of a sum of V terms, of their exp
+    arguments and of the log), which V + 2 covers. Write p_i = exp(l_i) and
+    p_i^-, p_i^+ = p_i exp(-tol_i), p_i exp(+tol_i). The input is rejected only when NO
+    distribution within those bounds fits the model below, i.e. when sum_i p_i^- > 1 (the top k
+    alone hold more than all the mass) or when 1 - sum_i p_i^+ > (V - k) min_i p_i^+ (the tail
+    cannot fit in V - k tokens each <= p_min). Otherwise the tail mass m = 1 - sum_i p_i is
+    clamped into [0, (V - k) p_min] (the derivation's premise, so lower <= estimate <= upper)
+    and a positive l_i <= tol_i is read as 0; the exact entropy then lies in the bracket up to
+    the effect of the input's rounding. For float32 (eps = 1.19e-7) the mass slack is about
+    eps * V: 0.018 at V = 151936, where CPU torch's float32 log_softmax over 151936 equal tail
+    logits was measured off by up to 1e-3 (tests/test_core_entropy.py), and far below what a
+    wrong ``vocab_size`` or log-probs of another distribution produce on spread-out rows. For
+    bf16/fp16 input with V >~ 1/eps the bounds are wider than the probability simplex: nothing
+    is rejected and the result is only as good as such log-probs allow.
 
     Derivation. Let p_1..p_k be the top-k probabilities, p_min = min_i p_i, known part
     H_k = -sum_i p_i log p_i, tail mass m = 1 - sum_i p_i, and n = V - k tail tokens with
@@ -149,7 +184,8 @@ def estimate_entropy_from_topk(
       (This is tighter than the simpler bound T >= m (-log p_min), which follows from
       -log q_j >= -log p_min, because -log r >= -log p_min.)
 
-    Both bounds are 0 when m = 0, so a distribution whose top-k covers all the mass is exact.
+    Both bounds are 0 when m = 0, so a distribution whose top-k covers all the mass is exact;
+    both equal m (-log p_min) when m = n p_min (the tail is uniform at the k-th probability).
     Point estimate (decision): the midpoint (lower + upper) / 2. Real tails lie between the
     two extremes; on the families below the midpoint was the most robust of {lower, upper,
     midpoint, a power-law tail extrapolation}. Measured absolute error of the midpoint for
@@ -169,44 +205,68 @@ def estimate_entropy_from_topk(
         ``EntropyEstimate`` of ``[...]`` tensors (fp32, or fp64 for fp64 input).
 
     Raises:
-        ValueError: NaN/+inf input, positive log-probs, k > V, top-k probabilities summing
-            above 1 + mass_tolerance, or a tail mass that cannot fit in V - k tokens each
-            <= p_min (wrong ``vocab_size`` or log-probs not from one full distribution).
+        ValueError: NaN/+inf input, k > V, a row entirely -inf, and, beyond the rounding
+            tolerance above: positive log-probs, top-k probabilities summing above 1, or a tail
+            mass that cannot fit in V - k tokens each <= p_min (wrong ``vocab_size`` or
+            log-probs not from one full distribution). The message names the first bad row.
     """
     if not torch.is_floating_point(topk_logprobs):
         raise TypeError(f"topk_logprobs must be a floating-point tensor, got {topk_logprobs.dtype}")
     if topk_logprobs.ndim == 0 or topk_logprobs.shape[-1] == 0:
         raise ValueError(f"topk_logprobs must have a non-empty last dimension, got shape {tuple(topk_logprobs.shape)}")
     k = topk_logprobs.shape[-1]
-    if not isinstance(vocab_size, int) or vocab_size < k:
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < k:
         raise ValueError(f"vocab_size must be an int >= k={k}, got {vocab_size!r}")
+    if eps is None:
+        eps = torch.finfo(topk_logprobs.dtype).eps
+    if not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+        raise ValueError(f"eps must be a number in [0, 1), got {eps!r}")
     _check_finite_or_neg_inf(topk_logprobs, "topk_logprobs")
-    if bool((topk_logprobs > 1e-6).any()):
-        raise ValueError("topk_logprobs contains positive values: these are not log-probabilities")
     out_dtype = torch.float64 if topk_logprobs.dtype == torch.float64 else torch.float32
     # float64 inside: m = 1 - sum p suffers cancellation when the top-k covers nearly all mass.
-    log_p = topk_logprobs.to(torch.float64).clamp(max=0.0)
+    raw = topk_logprobs.to(torch.float64)
+    finite = torch.isfinite(raw)  # the rest is -inf: probability exactly 0, no rounding
+    tol = torch.where(finite, eps * (2.0 * raw.abs() + (vocab_size + 2)), torch.zeros_like(raw))
+    if bool((raw > tol).any()):
+        row = _first_row((raw > tol).any(dim=-1))
+        raise ValueError(
+            f"topk_logprobs contains positive values beyond float rounding (row {row}: max "
+            f"{float(raw[row].max()):.3e}, tolerance eps*(V+2) = {eps * (vocab_size + 2):.3e}): "
+            "these are not log-probabilities"
+        )
+    log_p = raw.clamp(max=0.0)
     p = log_p.exp()
-    if bool((p.sum(dim=-1) == 0).any()):
+    total = p.sum(dim=-1)
+    if bool((total == 0).any()):
         raise ValueError("a row of topk_logprobs is entirely -inf (zero probability mass)")
     known = -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim=-1)
-    total = p.sum(dim=-1)
-    if bool((total > 1.0 + mass_tolerance).any()):
+    p_low, p_high = p * torch.exp(-tol), p * torch.exp(tol)  # exact probabilities lie in between
+    total_low = p_low.sum(dim=-1)
+    if bool((total_low > 1.0).any()):
+        row = _first_row(total_low > 1.0)
         raise ValueError(
-            f"top-k probabilities sum to {float(total.max()):.6f} > 1 + {mass_tolerance}: "
+            f"top-k probabilities sum to {float(total[row]):.6f} (row {row}), above 1 by more than "
+            f"float rounding allows ({float(total[row] - total_low[row]):.3e} at eps={eps:.3e}): "
             "not log-probs of a single distribution"
         )
-    tail_mass = (1.0 - total).clamp(min=0.0)
+    inf = torch.full_like(p, float("inf"))
     # p_min over the tokens with non-zero probability (a -inf entry means "fewer than k").
-    p_min = torch.where(p > 0, p, torch.full_like(p, float("inf"))).min(dim=-1).values
+    p_min = torch.where(p > 0, p, inf).min(dim=-1).values
+    p_min_high = torch.where(p > 0, p_high, inf).min(dim=-1).values
     n_tail = vocab_size - k
     capacity = n_tail * p_min
-    if bool((tail_mass > capacity * (1 + 1e-4) + 1e-6).any()):
+    excess = (1.0 - p_high.sum(dim=-1)) - n_tail * p_min_high  # > 0: no rounding of the input fits
+    if bool((excess > 0).any()):
+        row = _first_row(excess > 0)
         raise ValueError(
-            f"tail mass {float(tail_mass.max()):.6f} cannot be spread over V-k={n_tail} tokens "
-            "each no more likely than the k-th token: vocab_size is too small or the log-probs "
-            "are not the top-k of the full distribution"
+            f"tail mass {float(1.0 - total[row]):.6f} (row {row}) cannot be spread over V-k={n_tail} "
+            f"tokens each no more likely than the k-th token (p_k = {float(p_min[row]):.3e}, capacity "
+            f"{float(capacity[row]):.6f}), not even within float rounding (tolerance "
+            f"{float(1.0 - total[row] - capacity[row] - excess[row]):.3e} at eps={eps:.3e}): vocab_size "
+            "is too small or the log-probs are not the top-k of the full distribution"
         )
+    # Within rounding: clamp m into [0, capacity], the premise of the bracket below.
+    tail_mass = torch.minimum((1.0 - total).clamp(min=0.0), capacity)
     has_tail = tail_mass > 0
     safe_m = torch.where(has_tail, tail_mass, torch.ones_like(tail_mass))
     upper_tail = torch.where(

@@ -13,13 +13,20 @@ optional "lm" training mode of P (train_cvae.py), which is why the scoring funct
 differentiable (they do not disable autograd; wrap calls in ``torch.no_grad()`` when scoring).
 
 Log-prob conventions:
-* Scoring returns float32 ``log_softmax(logits)`` of the given tokens: raw, untempered.
+* Scoring returns float32 ``log_softmax(logits)`` of the given tokens: raw, untempered (the
+  rollout's log-probs equal these only at temperature 1 with no truncation or banned token).
 * Generation returns, per sampled token, either the raw log-prob (``logprobs_mode=
-  "raw_logprobs"``, default, the same convention as vLLM's default and as the actor's
-  recomputation, so rollout log-probs and recomputed log-probs are comparable) or the log-prob
-  under the distribution actually sampled from, after temperature and top-p renormalisation
-  (``"processed_logprobs"``, vLLM's name for the same thing). ``temperature=0`` is greedy
-  decoding; its processed log-probs are defined equal to the raw ones.
+  "raw_logprobs"``, this function's default and vLLM's engine default: temperature 1, no
+  truncation) or the log-prob under the distribution actually sampled from, after temperature
+  and top-p renormalisation (``"processed_logprobs"``). The latter is what this project's
+  rollout returns: verl 0.9.1 passes ``rollout.logprobs_mode`` (default
+  ``"processed_logprobs"``) to vLLM, and the recipe's rollout server refuses any other mode
+  when top-k log-probs are requested (``verl_patches.vllm_latent.spec.SAMPLING_LOGPROBS_MODE``),
+  so compare rollout log-probs with ``"processed_logprobs"`` here (vLLM's processed log-probs
+  also include top-k, penalties and banned tokens, which this reference does not implement).
+  verl's actor recomputes ``log_softmax(logits / temperature)``: tempered, not raw, and
+  without top-p. ``temperature=0`` is greedy decoding; its processed log-probs are defined
+  equal to the raw ones (vLLM's greedy processed log-probs are likewise untempered).
 
 The model must be in eval mode (dropout off); inputs are token id lists, one sequence each.
 """
