@@ -50,15 +50,21 @@ class LatentServiceConfig:
         max_wait_ms: how long the first request of a batch waits for more. Default 20 ms:
             small next to a rollout's generation time, long enough to gather the fork points
             of the parents that finish together.
-        num_gpus: GPU fraction reserved by the actor. Default 0.1 (the encoder is ~1.8 GB in
-            bf16, activations of a 64 x 512 batch a few GB; budget it against vLLM's KV cache).
+        num_gpus: GPU fraction Ray reserves for the actor. Default 0: verl's hybrid engine puts
+            every GPU of the node in its placement group, so an actor asking for a fraction
+            outside it is never scheduled (measured with Ray 2.60). With 0, Ray leaves
+            CUDA_VISIBLE_DEVICES alone and the actor still runs on a GPU (``device`` below); the
+            encoder's ~1.8 GB (bf16) plus a few GB of activations for a 64 x 512 batch come out
+            of the memory vLLM leaves free (``rollout.gpu_memory_utilization``). Set > 0 only
+            on a cluster with GPUs outside the trainer's placement group.
         num_cpus: CPUs reserved by the actor. Default 1.
         detached: give the actor ``lifetime="detached"`` (survives its creating worker). Default
             False: it lives as long as the agent-loop worker that created it (the trainer's).
         checkpoint_path: train_cvae checkpoint (``LatentSampler.from_checkpoint``). Required
             unless a sampler factory is injected (tests).
         encoder_name_or_path: overrides the encoder named in the checkpoint (e.g. a local copy).
-        device: where the encoder + CVAE run; default "cuda" if the actor has a GPU else "cpu".
+        device: where the encoder + CVAE run; default "cuda" if the actor sees a GPU (with
+            num_gpus=0 it sees the node's GPUs) else "cpu".
         encoder_dtype: "bfloat16" | "float32" | "float16". Default "bfloat16" on GPU.
         micro_batch_size: encoder micro-batch inside one call. Default 64.
     """
@@ -66,7 +72,7 @@ class LatentServiceConfig:
     backend: str = "ray_actor"
     max_batch_size: int = 64
     max_wait_ms: float = 20.0
-    num_gpus: float = 0.1
+    num_gpus: float = 0.0
     num_cpus: float = 1.0
     detached: bool = False
     checkpoint_path: str | None = None
