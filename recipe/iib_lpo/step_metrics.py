@@ -27,7 +27,8 @@ logged for R = 1 too, so an R = 1 and an R = 2 run compare round by round):
   ``round<r>/fork_pos_frac``: mean t*/L of the fork points (L = the source's response length);
   ``round<r>/fork_entropy``: mean H(t*).
 - ``round<r>/keep_agreement``: for a round the rollout ranked (r < R), the share of its branches
-  where the trainer's recomputed Top-N equals the rollout's decision (which the trainer applies).
+  where the trainer's recomputed Top-N equals the rollout's decision (which the trainer applies);
+  ``round<r>/reward_agreement``: the share where the r_v the rollout ranked with equals verl's.
 """
 
 from __future__ import annotations
@@ -148,4 +149,8 @@ def round_metrics(
         decided = [i for i in branches if roles[i].loop_keep is not None]
         if recomputed is not None and decided:
             out[p + "keep_agreement"] = _mean([1.0 if recomputed[i] == roles[i].loop_keep else 0.0 for i in decided])
+        loop_rewards = [(float(extra_fields[i].get("iib_loop_reward", math.nan)), float(rewards[i])) for i in decided]
+        loop_rewards = [(a, b) for a, b in loop_rewards if not math.isnan(a)]
+        if loop_rewards:
+            out[p + "reward_agreement"] = _mean([1.0 if abs(a - b) < 1e-6 else 0.0 for a, b in loop_rewards])
     return out
