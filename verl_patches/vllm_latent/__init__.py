@@ -12,7 +12,7 @@ Public API (engine side needs vLLM; request side needs only torch):
 - ``latent_architecture_for(hf_architecture) -> str``
 - ``latent_engine_kwargs(model_hf_architecture, placeholder_token_id) -> dict``: engine args.
 - ``build_latent_prompt(prompt_token_ids, latent_embedding, placeholder_token_id) -> dict``:
-  a vLLM ``TokensPrompt``; ``latent_embedding=None`` gives the plain prompt (alpha = 0).
+  a vLLM ``TokensPrompt``; ``latent_embedding=None`` gives the plain prompt (a branch without a latent).
 - ``topk_entropy_from_vllm_logprobs(step_logprobs, k, vocab_size) -> EntropyEstimate``:
   per-token entropy of the sampling distribution from vLLM's returned top-k log-probs.
 
@@ -137,7 +137,7 @@ def build_latent_prompt(
 
     ``prompt_token_ids`` is the shared prompt + prefix (the prefix-cache hits come from it);
     ``latent_embedding`` is e = alpha * P(z), shape [hidden], in any float dtype (the model casts it
-    to its own dtype). ``None`` (alpha = 0) gives the plain prompt without a placeholder.
+    to its own dtype). ``None`` (a branch without a latent) gives the plain prompt without a placeholder.
 
     The latent fills the LAST placeholder of the prompt; a placeholder id that the policy generated
     inside the prefix stays an ordinary token (as in the reference), so prefixes need no scrubbing.
