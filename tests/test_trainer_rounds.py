@@ -115,10 +115,8 @@ def rounds_run(tmp_path_factory, tiny_qwen2_dir):
     spec = CpuRunSpec(
         model_dir=Path(tiny_qwen2_dir), train_file=data_dir / "demo_train.parquet",
         val_file=data_dir / "demo_val.parquet", out_dir=root / "iib_lpo_r2", algorithm="iib_lpo", steps=2,
-        num_initial=M, num_branches=K, cvae_checkpoint=None,  # latent.mode=none: forks + rounds, no CVAE
-        overrides=[f"reward.custom_reward_function.path={PARITY_REWARD}", f"iib_lpo.ib.rounds={R}",
-                   # CpuRunSpec sets n = M x (1 + K); the round layout needs M x (1 + K x R) (later override wins)
-                   f"actor_rollout_ref.rollout.n={M * (1 + K * R)}",
+        num_initial=M, num_branches=K, rounds=R, cvae_checkpoint=None,  # latent.mode=none: forks + rounds, no CVAE
+        overrides=[f"reward.custom_reward_function.path={PARITY_REWARD}",
                    # 2 prompts x 5 rows: the CPU profile's micro batches of 8 do not divide 10
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=5",
                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=5",

@@ -80,13 +80,14 @@ class CpuRunSpec:
     steps: int = 2
     num_initial: int = 2
     num_branches: int = 3
+    rounds: int = 1  # iib_lpo.ib.rounds (R): n = M x (1 + K x R)
     cvae_checkpoint: Path | None = None  # None -> latent.mode=none
     placeholder_token_id: int | None = None
     seed: int = 0
     overrides: list[str] = field(default_factory=list)
 
     def hydra_overrides(self) -> list[str]:
-        n = self.num_initial * (1 + self.num_branches)
+        n = self.num_initial * (1 + self.num_branches * self.rounds)
         out = [
             "+profile=cpu",
             f"actor_rollout_ref.model.path={self.model_dir}",
@@ -100,6 +101,7 @@ class CpuRunSpec:
             f"trainer.experiment_name={self.algorithm}",
             f"iib_lpo.num_initial_rollouts={self.num_initial}",
             f"iib_lpo.num_branches={self.num_branches}",
+            f"iib_lpo.ib.rounds={self.rounds}",
         ]
         if self.algorithm == "iib_lpo":
             if self.cvae_checkpoint is not None:
@@ -142,11 +144,26 @@ def run_cpu_training(spec: CpuRunSpec, timeout_s: float, extra_env: dict[str, st
             _kill_group(proc)
 
 
+def _session_pids(session_id: int) -> list[int]:
+    """Processes of a session (Ray's workers set their own process group but keep the session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id:  # stat fields after the name: state, ppid, pgrp, session
+            pids.append(int(entry.name))
+    return pids
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the run's process group and the Ray cluster it started (Ray daemons detach)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """Kill everything the run started (its session: Ray daemons, workers, vLLM), nothing else."""
+    for pid in [proc.pid, *_session_pids(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)

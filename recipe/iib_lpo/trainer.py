@@ -59,6 +59,7 @@ def recipe_state(config: Any, global_steps: int) -> dict:
         "sampling_seed": iib.agent_loop.get("sampling_seed"),
         "num_initial_rollouts": int(iib.num_initial_rollouts),
         "num_branches": int(iib.num_branches),
+        "rounds": int(iib.ib.rounds),
     }
 
 
