@@ -102,11 +102,12 @@ export PYTHONUNBUFFERED=1                                         # log lines ap
 : "${TRAIN_BATCH_SIZE:=32}"        # prompts per training step
 : "${LR:=1e-6}"                    # actor learning rate (AdamW, verl's defaults otherwise)
 : "${TOTAL_EPOCHS:=2}"             # passes over the training prompts
-# Trajectories per prompt. I2B-LPO: M initial rollouts, K latent branches each, so
-# rollout.n = M x (1 + K) = 8 sessions per prompt (checked at start-up). Every baseline samples the
-# same rollout.n = 8 independent responses, so all methods see the same number of trajectories.
+# Trajectories per prompt. I2B-LPO: M initial rollouts, K latent branches each per IB round, so
+# rollout.n = M x (1 + K x R) = 8 sessions per prompt (checked at start-up). Every baseline samples
+# the same rollout.n = 8 independent responses, so all methods see the same number of trajectories.
 : "${NUM_INITIAL_ROLLOUTS:=2}"     # M
 : "${NUM_BRANCHES:=3}"             # K
+: "${IB_ROUNDS:=1}"                # R: iterative IB rounds (run_qwen7b_ablation_rounds.sh)
 # PPO mini-batch in prompts (decision, the paper is silent): 2 policy updates per step, so the
 # clip ratios act (with one update per step the ratio is 1 and no clip would ever bind).
 : "${PPO_MINI_BATCH_SIZE:=16}"
@@ -182,7 +183,7 @@ unset _seq
 # validation of the settings
 # ---------------------------------------------------------------------------------------------
 for _v in NNODES GPUS_PER_NODE MAX_PROMPT_LENGTH MAX_RESPONSE_LENGTH TRAIN_BATCH_SIZE TOTAL_EPOCHS \
-          NUM_INITIAL_ROLLOUTS NUM_BRANCHES PPO_MINI_BATCH_SIZE VAL_N ROLLOUT_TP \
+          NUM_INITIAL_ROLLOUTS NUM_BRANCHES IB_ROUNDS PPO_MINI_BATCH_SIZE VAL_N ROLLOUT_TP \
           ACTOR_MAX_TOKENS_PER_GPU LOGPROB_MAX_TOKENS_PER_GPU PLACEHOLDER_TOKEN_ID MAX_CKPT_TO_KEEP SEED; do
   require_int "$_v" "${!_v}" 1
 done
@@ -197,7 +198,7 @@ case "$RESUME_MODE" in auto|disable|resume_path) ;; *) die "RESUME_MODE must be 
 unset _v
 
 # trajectories per prompt, the same for every algorithm
-ROLLOUT_N=$(( NUM_INITIAL_ROLLOUTS * (1 + NUM_BRANCHES) ))
+ROLLOUT_N=$(( NUM_INITIAL_ROLLOUTS * (1 + NUM_BRANCHES * IB_ROUNDS) ))
 read -r -a TRAIN_FILE_LIST <<< "$TRAIN_FILES"
 read -r -a VAL_FILE_LIST <<< "$VAL_FILES"
 (( ${#TRAIN_FILE_LIST[@]} > 0 )) || die "TRAIN_FILES is empty"
@@ -254,6 +255,7 @@ common_overrides() {
     # every baseline its rollout.n above)
     "iib_lpo.num_initial_rollouts=$NUM_INITIAL_ROLLOUTS"
     "iib_lpo.num_branches=$NUM_BRANCHES"
+    "iib_lpo.ib.rounds=$IB_ROUNDS"
     # trainer: cluster, schedule, evaluation, checkpoints, logging
     "trainer.nnodes=$NNODES"
     "trainer.n_gpus_per_node=$GPUS_PER_NODE"

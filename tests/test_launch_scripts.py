@@ -43,9 +43,12 @@ TRAINING_SCRIPTS = {
     "run_qwen7b_ablation_no_latent.sh": [],
     "run_qwen7b_ablation_no_ib_filter.sh": [],
     "run_qwen7b_ablation_no_ib_reward.sh": [],
+    "run_qwen7b_ablation_rounds.sh": ["2"],
     "run_qwen3_14b.sh": [],
     "run_qwen7b_multinode.sh": ["submit"],
 }
+# (M, K, R) where a script changes the default layout (2, 3, 1)
+LAYOUT = {"run_qwen7b_ablation_rounds.sh": (2, 2, 2)}
 # run_*.sh files that are not training launchers
 OTHER_RUN_SCRIPTS = {
     "run_cvae.sh",  # the CVAE stage: test_run_cvae_* below
@@ -177,9 +180,11 @@ def test_shared_settings(configs, env_dir, script):
     cfg = configs[script]
     data_dir = env_dir / "nowhere" / "data"
     out_dir = env_dir / "nowhere" / "outputs"
-    # trajectories per prompt: M x (1 + K) = 8 for every algorithm
-    assert get(cfg, "actor_rollout_ref.rollout.n") == 8
-    assert get(cfg, "iib_lpo.num_initial_rollouts") == 2 and get(cfg, "iib_lpo.num_branches") == 3
+    # trajectories per prompt: M x (1 + K x R) = 8 for every algorithm (the rounds ablation: 2 x (1 + 2 x 2) = 10)
+    m, k, r = LAYOUT.get(script, (2, 3, 1))
+    assert get(cfg, "actor_rollout_ref.rollout.n") == m * (1 + k * r)
+    assert get(cfg, "iib_lpo.num_initial_rollouts") == m and get(cfg, "iib_lpo.num_branches") == k
+    assert get(cfg, "iib_lpo.ib.rounds") == r
     assert get(cfg, "data.train_files") == [str(data_dir / "math_train.parquet"), str(data_dir / "dapo_math_train.parquet")]
     assert get(cfg, "data.val_files") == [str(data_dir / f"{d}_test.parquet") for d in EVAL_SETS]
     expected = {
@@ -285,6 +290,7 @@ EXPECTED_ALGORITHM = {
     },
     "run_qwen7b_ablation_no_ib_filter.sh": {**IIB_LPO_KEYS, "iib_lpo.ib.top_n": 3},
     "run_qwen7b_ablation_no_ib_reward.sh": {**IIB_LPO_KEYS, "iib_lpo.advantage.lambda_ib": 0.0},
+    "run_qwen7b_ablation_rounds.sh": {**IIB_LPO_KEYS, "iib_lpo.ib.rounds": 2, "iib_lpo.num_branches": 2},
     "run_qwen3_14b.sh": {
         **IIB_LPO_KEYS,
         "iib_lpo.latent.placeholder_token_id": 151669,
