@@ -312,7 +312,9 @@ def test_tier1_real_latent_sampler_in_ray_actor(cluster, tokenizer, hf_model, cv
     for i in range(M):
         parent, t = outputs[i], outputs[i].extra_fields["iib_fork_position"]
         condition = build_condition_text(f"0: {QUESTION}", tokenizer.decode(parent.response_ids[:t], skip_special_tokens=True))
-        seed = al.derived_seed(config.actor_rollout_ref.rollout.seed, 1, 0, "latent", i)
+        # the loop's latent seed for parent i's fork point (round 1), keyed on the row _run_groups sends
+        seed_key = al.prompt_seed_key(_loop_kwargs("actor0", 0, question=f"0: {QUESTION}"))
+        _, seed = al.fork_seeds(seed_key, 1, i, 1, config.actor_rollout_ref.rollout.seed)
         generator = torch.Generator().manual_seed(seed)
         latents = local.sample_latent_embeddings([condition], K, 1.0, generator=[generator]).embeddings[0]
         for k in range(K):
