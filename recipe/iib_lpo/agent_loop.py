@@ -374,6 +374,18 @@ def session_seeds(
     )
 
 
+def policy_vocab_size(model_path: str, tokenizer_size: int) -> int:
+    """V of the sampling distribution: the width of the policy's logits (``config.vocab_size``),
+    which exceeds the tokenizer's size when the embedding table is padded (Qwen2.5: 151936 vs 151665)."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=True)
+    vocab = getattr(hf_config, "vocab_size", None) or getattr(getattr(hf_config, "text_config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < tokenizer_size:
+        raise ValueError(f"{model_path}: config vocab_size={vocab!r} is not an int >= the tokenizer's {tokenizer_size} tokens")
+    return vocab
+
+
 def entropies_from_topk(topk_logprobs: Any, vocab_size: int) -> torch.Tensor:
     """Per-token entropy estimates [T] from the server's [T, k] top-k log-probs."""
     topk = torch.tensor(np.asarray(topk_logprobs), dtype=torch.float32)  # a copy: Ray arrays are read-only
@@ -735,7 +747,7 @@ class BranchingAgentLoop(AgentLoopBase):
         self.iib = BranchingRolloutConfig.from_trainer_config(self.config)
         self.prompt_length = self.rollout_config.prompt_length
         self.response_length = self.rollout_config.response_length
-        self.vocab_size = len(self.tokenizer)
+        self.vocab_size = policy_vocab_size(self.config.actor_rollout_ref.model.path, len(self.tokenizer))
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         cfg = self.iib
