@@ -20,6 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
 RUN_TIMEOUT_S = 900
 PARITY_REWARD = Path(__file__).resolve().parent / "helpers" / "parity_reward.py"
+# the optional IB regulariser (METHOD.md step 8): installed through the worker's set_loss_fn
+IB_REGULARISER = ["iib_lpo.loss_terms.lambda_reg=0.005", "actor_rollout_ref.actor.calculate_entropy=true"]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def _assert_weights_changed_after_each_step(run, steps):
 
 @pytest.fixture(scope="module")
 def iib_lpo_run(artifacts):
-    spec = _spec(artifacts, "iib_lpo", "iib_lpo", overrides=["trainer.save_freq=1"])
+    spec = _spec(artifacts, "iib_lpo", "iib_lpo", overrides=["trainer.save_freq=1", *IB_REGULARISER])
     return run_cpu_training(spec, timeout_s=RUN_TIMEOUT_S)
 
 
@@ -83,6 +85,7 @@ def test_iib_lpo_two_steps_latents_filter_and_weight_sync(iib_lpo_run):
         assert "iib_lpo/ib_score_dropped" in m and "iib_lpo/ib_score_kept" in m
         assert 0 < m["critic/score/mean"] < 1  # rewards vary, so advantages are non-zero
         assert m["actor/pg_loss"] != 0
+        assert m["actor/ib_reg_loss"] != 0  # the recipe's loss function ran in the actor workers
         assert m["timing_s/iib_lpo_ib_filter_adv"] > 0
         # rollout correction's off-policy metrics for branch and initial tokens apart (the latent's mismatch)
         assert m["iib_lpo/branch_kl"] > 0 and m["iib_lpo/initial_kl"] >= 0
@@ -106,7 +109,8 @@ def test_resume_gives_step_two_the_same_inputs(artifacts, iib_lpo_run):
     (resumed_dir / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1")
     saved_state = json.loads((resumed_dir / "ckpt" / "global_step_1" / "iib_lpo_state.json").read_text())
     assert saved_state["global_steps"] == 1 and saved_state["latent_total_steps"] == 2
-    run = run_cpu_training(_spec(artifacts, "iib_lpo_resumed", "iib_lpo", overrides=["trainer.resume_mode=auto"]),
+    run = run_cpu_training(_spec(artifacts, "iib_lpo_resumed", "iib_lpo",
+                                 overrides=["trainer.resume_mode=auto", *IB_REGULARISER]),
                            timeout_s=RUN_TIMEOUT_S)
     assert not run.timed_out and run.returncode == 0, run.log.read_text()[-3000:]
     resumed = {r["global_steps"]: r for r in run.step_inputs()}
