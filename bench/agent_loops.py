@@ -15,11 +15,16 @@ worker, the same clock as the benchmark driver on one machine):
 ``bench_generate_s`` (the engine call), ``bench_latent_s`` (encoder + prior, incl. waiting for a
 sibling's request of the same fork point and the service's batching window; 0 without latent),
 ``bench_wait_parent_s`` (a branch waiting for its parent; 0 for others), ``bench_generated_length``
-(tokens the engine generated for this session).
+(tokens the engine generated for this session), ``bench_generate_calls`` ([start, end] of each
+engine call of the session).
 
-``rollout.custom``-style switch for the detokenization experiment: the trainer config's top-level
-``bench.detokenize`` (default true = vLLM's default, what the trainer does today); false adds
-``detokenize=False`` to the vLLM ``SamplingParams`` of every request of both loops.
+Switches for the experiments, in the trainer config's top-level ``bench`` group, applied to the
+vLLM ``SamplingParams`` of every request of both loops: ``bench.detokenize`` (default true =
+vLLM's default, what the trainer does today; false adds ``detokenize=False``) and
+``bench.flat_logprobs`` (default false; true adds ``flat_logprobs=True``); and
+``bench.cache_vocab_size`` (default false): ``agent_loop.policy_vocab_size`` (an
+``AutoConfig.from_pretrained`` per session, ~8 ms) computed once per worker process instead.
+``bench_init_s`` in ``extra_fields``: the branching loop's constructor time.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any
 
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 
+from recipe.iib_lpo import agent_loop as _agent_loop_module
 from recipe.iib_lpo.agent_loop import BranchingAgentLoop
 
 
@@ -42,18 +48,63 @@ def bench_agent_loop_config_path() -> str:
 def _bench_options(config: Any) -> dict:
     raw = config.get("bench", None) if config is not None else None
     raw = dict(raw or {})
-    return {"detokenize": bool(raw.get("detokenize", True))}
+    return {"detokenize": bool(raw.get("detokenize", True)), "flat_logprobs": bool(raw.get("flat_logprobs", False)),
+            "cache_vocab_size": bool(raw.get("cache_vocab_size", False))}
+
+
+_CACHED_VOCAB: dict[tuple, int] = {}
+
+
+def _cached_policy_vocab_size(model_path: str, tokenizer_size: int) -> int:
+    """``agent_loop.policy_vocab_size`` computed once per (model path, tokenizer size) and process."""
+    key = (str(model_path), int(tokenizer_size))
+    if key not in _CACHED_VOCAB:
+        _CACHED_VOCAB[key] = _ORIGINAL_POLICY_VOCAB_SIZE(model_path, tokenizer_size)
+    return _CACHED_VOCAB[key]
+
+
+_ORIGINAL_POLICY_VOCAB_SIZE = getattr(_agent_loop_module, "policy_vocab_size", None)
+
+
+def _apply_bench_options(config: Any, params: dict) -> dict:
+    options = _bench_options(config)
+    if not options["detokenize"]:
+        params["detokenize"] = False
+    if options["flat_logprobs"]:
+        params["flat_logprobs"] = True  # vLLM's FlatLogprobs container (fewer Python objects per step)
+    return params
+
+
+class _TimedClient:
+    """The agent loop's LLM client, recording (start, end) wall times of each generate call."""
+
+    def __init__(self, client: Any):
+        self._client = client
+        self.calls: list[list[float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def generate(self, *args: Any, **kwargs: Any):
+        start = time.time()
+        try:
+            return await self._client.generate(*args, **kwargs)
+        finally:
+            self.calls.append([start, time.time()])
 
 
 class BenchSingleTurnAgentLoop(SingleTurnAgentLoop):
     """verl's single_turn_agent with timestamps (the GRPO baseline's rollout)."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.server_manager = _TimedClient(self.server_manager)
+
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any):
         t_start = time.time()
         params = dict(sampling_params)
         params["max_tokens"] = int(self.response_length)
-        if not _bench_options(self.config)["detokenize"]:
-            params["detokenize"] = False
+        _apply_bench_options(self.config, params)
         output = await super().run(params, **kwargs)
         output.extra_fields.update({
             "bench_t_start": t_start,
@@ -62,12 +113,26 @@ class BenchSingleTurnAgentLoop(SingleTurnAgentLoop):
             "bench_latent_s": 0.0,
             "bench_wait_parent_s": 0.0,
             "bench_generated_length": len(output.response_ids),
+            "bench_generate_calls": list(self.server_manager.calls),
         })
         return output
 
 
 class BenchBranchingAgentLoop(BranchingAgentLoop):
     """The recipe's branching loop with phase timers (the I2B-LPO rollout)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        wrapped = kwargs.get("trainer_config")
+        config = getattr(wrapped, "config", None)
+        if _ORIGINAL_POLICY_VOCAB_SIZE is not None:
+            # the experiment "compute the policy's vocab size once per worker, not per session"
+            cached = _bench_options(config)["cache_vocab_size"]
+            _agent_loop_module.policy_vocab_size = (_cached_policy_vocab_size if cached
+                                                    else _ORIGINAL_POLICY_VOCAB_SIZE)
+        started = time.perf_counter()
+        super().__init__(*args, **kwargs)
+        self._bench_init_s = time.perf_counter() - started
+        self.server_manager = _TimedClient(self.server_manager)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any):
         self._bench = {"t_start": time.time(), "wait_parent_s": 0.0}
@@ -81,10 +146,7 @@ class BenchBranchingAgentLoop(BranchingAgentLoop):
             self._bench["wait_parent_s"] += time.perf_counter() - start
 
     def _sampling_params(self, sampling_params: dict, max_tokens: int, seed: int | None) -> dict:
-        params = super()._sampling_params(sampling_params, max_tokens, seed)
-        if not _bench_options(self.config)["detokenize"]:
-            params["detokenize"] = False
-        return params
+        return _apply_bench_options(self.config, super()._sampling_params(sampling_params, max_tokens, seed))
 
     def _output(self, prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output):
         extra = {
@@ -95,5 +157,7 @@ class BenchBranchingAgentLoop(BranchingAgentLoop):
             "bench_latent_s": float(metrics.get("latent_sampling", 0.0)),
             "bench_wait_parent_s": float(self._bench["wait_parent_s"]),
             "bench_generated_length": int(extra["iib_generated_length"]),
+            "bench_generate_calls": list(self.server_manager.calls),
+            "bench_init_s": self._bench_init_s,
         }
         return super()._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output)

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import statistics

@@ -49,10 +49,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import dataclasses
 import json
 import math
 import os
-import signal
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,10 +79,14 @@ class Point:
     detokenize: bool = True
     m: int = M_DEFAULT
     latent: str = "cvae"  # iib_lpo.latent.mode of the I2B-LPO side ("none": fork and resample, no z)
+    flat_logprobs: bool = False  # SamplingParams(flat_logprobs=True) on every request of both
+    cache_vocab: bool = False  # agent_loop.policy_vocab_size once per worker (bench.cache_vocab_size)
 
     @property
     def key(self) -> str:
         suffix = "" if self.latent == "cvae" else f"_latent{self.latent}"
+        suffix += "_flat" if self.flat_logprobs else ""
+        suffix += "_vcache" if self.cache_vocab else ""
         return f"M{self.m}_K{self.k}_L{self.length}_P{self.prompts}_detok{int(self.detokenize)}{suffix}"
 
     @property
@@ -109,8 +114,13 @@ def sweep_points(which: str, tiny: bool, detokenize: bool = True) -> list[Point]
         # the latent token's own cost: the same point with latent.mode=none (fork + plain resample)
         "latent": [Point(k=3, length=128, prompts=32, detokenize=d),
                    Point(k=3, length=128, prompts=32, detokenize=d, latent="none")],
+        "off": [Point(k=3, length=128, prompts=32, detokenize=False)],
+        "vcache": [Point(k=3, length=128, prompts=32, detokenize=d),
+                   Point(k=3, length=128, prompts=32, detokenize=d, cache_vocab=True)],
+        "flat": [Point(k=3, length=128, prompts=32, detokenize=d),
+                 Point(k=3, length=128, prompts=32, detokenize=d, flat_logprobs=True)],
     }
-    names = [g for g in groups if g != "latent"] if which == "all" else which.split(",")
+    names = [g for g in groups if g not in ("latent", "flat", "off", "vcache")] if which == "all" else which.split(",")
     out: list[Point] = []
     for name in names:
         for p in groups[name]:
@@ -208,7 +218,8 @@ def point_config(base, point: Point):
         config.iib_lpo.num_initial_rollouts = point.m
         config.iib_lpo.num_branches = point.k
         config.iib_lpo.latent.mode = point.latent
-        config.bench = {"detokenize": point.detokenize}
+        config.bench = {"detokenize": point.detokenize, "flat_logprobs": point.flat_logprobs,
+                        "cache_vocab_size": point.cache_vocab}
     return config
 
 
@@ -237,6 +248,44 @@ def init_ray(ray_temp_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # One rollout
 # ----------------------------------------------------------------------------------------------
+
+
+def cpu_seconds_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) so far of every live process of this session, by process kind
+    (the engine, the rollout server actor, the agent-loop worker, the latent service, the rest)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    sid = os.getsid(0)
+    out: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) != sid:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / ticks
+        if "VLLM::" in cmdline or "EngineCore" in cmdline:
+            kind = "vllm_engine"
+        elif "HttpServer" in cmdline:
+            kind = "rollout_server_actor"
+        elif "AgentLoopWorker" in cmdline:
+            kind = "agent_loop_worker"
+        elif "LatentService" in cmdline:
+            kind = "latent_service_actor"
+        elif int(entry.name) == os.getpid():
+            kind = "bench_driver"
+        else:
+            kind = "other_ray"
+        out[kind] = out.get(kind, 0.0) + cpu
+    return out
+
+
+def _cpu_delta(before: dict, after: dict) -> dict:
+    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 3) for k in sorted(set(before) | set(after))}
 
 
 def _latent_stats() -> dict | None:
@@ -274,6 +323,7 @@ def run_rollout(manager, point: Point, algo: str, rows: list[dict], tag: str, ti
                     tags=[{"is_prompt": True, "status": "pending", "global_steps": 1} for _ in uids])
     latent_before = _latent_stats() if algo == "iib_lpo" else None
     load = os.getloadavg()[0]
+    cpu_before = cpu_seconds_by_process()
     t0 = time.time()
     manager.generate_sequences(batch)
     t_dispatched = time.time()
@@ -287,6 +337,7 @@ def run_rollout(manager, point: Point, algo: str, rows: list[dict], tag: str, ti
             raise TimeoutError(f"{algo} rollout of {point.key} not finished after {timeout_s} s: {status}")
         time.sleep(POLL_S)
     t_done = time.time()
+    cpu = _cpu_delta(cpu_before, cpu_seconds_by_process())
     if any(s != "finished" for s in status.values()):
         raise RuntimeError(f"{algo} rollout of {point.key}: prompt status {status} (see the worker's log)")
     n = point.group_size
@@ -306,7 +357,7 @@ def run_rollout(manager, point: Point, algo: str, rows: list[dict], tag: str, ti
             "metrics": dict(data["metrics"][i]) if "metrics" in data.keys() else {},
         })
     record = {
-        "point": point.key, "algo": algo, "tag": tag, "load1": load, "t0": t0,
+        "point": point.key, "algo": algo, "tag": tag, "load1": load, "t0": t0, "cpu_s": cpu,
         "dispatch_s": t_dispatched - t0, "wall_s": t_done - t0,
         "wall_traj_s": max(t["extra"]["bench_t_end"] for t in trajectories) - t0,
         "num_trajectories": len(trajectories),
@@ -338,6 +389,7 @@ def summarize_trajectories(trajectories: list[dict], algo: str, t0: float) -> di
         ends_by_prompt[t["uid"]] = max(ends_by_prompt.get(t["uid"], 0.0), t["extra"]["bench_t_end"])
     out["prompt_done_mean_s"] = _mean(e - t0 for e in ends_by_prompt.values())
     cached_all = [t["extra"].get("num_cached_tokens", t["extra"].get("iib_num_cached_tokens")) for t in trajectories]
+    out["timeline"] = _timeline(trajectories, t0)
     if algo == "grpo":
         out["phases"] = {"generate_mean_s": _mean(t["extra"]["bench_generate_s"] for t in trajectories)}
         prompt_tokens = sum(len(t["prompt_ids"]) for t in trajectories)
@@ -375,6 +427,22 @@ def summarize_trajectories(trajectories: list[dict], algo: str, t0: float) -> di
     out["latent_status"] = {s: sum(1 for t in branches if t["extra"]["iib_latent_status"] == s)
                             for s in sorted({t["extra"]["iib_latent_status"] for t in branches})}
     out["metrics_fields_stored"] = sorted(trajectories[0].get("metrics", {}))
+    return out
+
+
+def _timeline(trajectories: list[dict], t0: float) -> dict:
+    """Engine-call start / end times after dispatch (min / median / max) per role."""
+    by_role: dict[str, list[dict]] = {}
+    for t in trajectories:
+        by_role.setdefault(t["extra"].get("iib_role", "grpo"), []).append(t)
+    out = {}
+    for role, rows in by_role.items():
+        calls = [t["extra"].get("bench_generate_calls") or [] for t in rows]
+        starts = [c[0][0] - t0 for c in calls if c]
+        ends = [c[-1][1] - t0 for c in calls if c]
+        if starts:
+            out[role] = {"start": [min(starts), statistics.median(starts), max(starts)],
+                         "end": [min(ends), statistics.median(ends), max(ends)]}
     return out
 
 
@@ -484,10 +552,9 @@ def measure(args) -> int:
             runs = []
             try:
                 # warm-up pair (worker start, latent actor and encoder load): not counted
-                for algo in ALGOS:
-                    run_rollout(manager, Point(point.k, point.length, min(2, point.prompts), point.detokenize,
-                                               point.m), algo, artifacts["rows"], f"{point.key}-warm",
-                                args.rollout_timeout_s)
+                for algo in ALGOS if args.warmup else ():
+                    warm = dataclasses.replace(point, prompts=min(2, point.prompts))
+                    run_rollout(manager, warm, algo, artifacts["rows"], f"{point.key}-warm", args.rollout_timeout_s)
                 for rep in range(args.repeats):
                     order = ALGOS if rep % 2 == 0 else ALGOS[::-1]
                     for algo in order:
@@ -555,6 +622,10 @@ def summarize_point(runs: list[dict]) -> dict:
     if all("latent_service" in r for r in iib):
         out["latent_service_seconds"] = _stat([r["latent_service"]["sampler_seconds"] for r in iib])
         out["latent_service_calls"] = _stat([r["latent_service"]["sampler_calls"] for r in iib])
+    if all("cpu_s" in p[a] for p in pairs for a in ALGOS):
+        kinds = sorted({k for p in pairs for a in ALGOS for k in p[a]["cpu_s"]})
+        out["cpu_s"] = {a: {k: statistics.median(p[a]["cpu_s"].get(k, 0.0) for p in pairs) for k in kinds}
+                        for a in ALGOS}
     out["ib_step_total_s"] = _stat([r["ib_step"]["total_s"] for r in iib])
     out["ib_step_core_s"] = _stat([r["ib_step"]["iib_lpo_step_s"] for r in iib])
     out["ib_step_share_of_rollout"] = _stat([r["ib_step"]["total_s"] / r["wall_s"] for r in iib])
@@ -585,6 +656,8 @@ def run_with_timeout(argv: list[str], out: Path, timeout_s: float, retries: int)
                 rc = 124
             finally:
                 _kill_child(proc)
+        if rc == 0:  # Ray's session logs are kept only for a failed attempt
+            shutil.rmtree(f"/tmp/rb_{proc.pid}", ignore_errors=True)
         tail = log_path.read_text().splitlines()[-5:]
         print(f"[bench] attempt {attempt}: rc={rc}; " + " | ".join(tail), flush=True)
         if rc == 0:
@@ -616,6 +689,13 @@ def headline(out: Path, point: Point = DEFAULT) -> str | None:
     return f"rollout wall-time ratio I2B-LPO / GRPO: {rec['summary']['wall_ratio']['median']:.2f}"
 
 
+def _point_cells(p: dict) -> str:
+    latent = p.get("latent", "cvae") + (" flat" if p.get("flat_logprobs") else "") + \
+        (" vcache" if p.get("cache_vocab") else "")
+    return (f"| {p['m']} | {p['k']} | {p['length']} | {p['prompts']} | {'on' if p['detokenize'] else 'off'} | "
+            f"{latent}")
+
+
 def report(out: Path) -> str:
     """Markdown tables of a finished run (BENCHMARKS.md)."""
     recs = load_results(out)
@@ -625,8 +705,8 @@ def report(out: Path) -> str:
     for rec in recs:
         p, s = rec["point"], rec["summary"]
         lines.append(
-            f"| {p['m']} | {p['k']} | {p['length']} | {p['prompts']} | {'on' if p['detokenize'] else 'off'} | "
-            f"{p.get('latent', 'cvae')} | {_fmt(s['wall_s']['grpo'])} | {_fmt(s['wall_s']['iib_lpo'])} | **{_fmt(s['wall_ratio'])}** | "
+            f"{_point_cells(p)} | {_fmt(s['wall_s']['grpo'])} | {_fmt(s['wall_s']['iib_lpo'])} | "
+            f"**{_fmt(s['wall_ratio'])}** | "
             f"{_fmt(s['token_ratio'], 3)} | {s['prefix_cache_hit']['median']:.2f} "
             f"({s['prefix_cache_hit_of_block_aligned']['median']:.2f}) | {_fmt(s['load1'], 1)} |")
     lines += ["", "| M | K | L | prompts | detok | latent | GRPO generate / session s | I2B-LPO initial generate s | "
@@ -640,8 +720,8 @@ def report(out: Path) -> str:
         svc = (f"{s['latent_service_seconds']['median']:.3f} ({s['latent_service_calls']['median']:.0f})"
                if "latent_service_seconds" in s else "-")
         lines.append(
-            f"| {p['m']} | {p['k']} | {p['length']} | {p['prompts']} | {'on' if p['detokenize'] else 'off'} | "
-            f"{p.get('latent', 'cvae')} | {s['grpo_generate_mean_s']['median']:.2f} | {ph['initial_generate_mean_s']['median']:.2f} | "
+            f"{_point_cells(p)} | {s['grpo_generate_mean_s']['median']:.2f} | "
+            f"{ph['initial_generate_mean_s']['median']:.2f} | "
             f"{ph['initial_post_mean_s']['median']:.3f} | {ph['wait_parent_mean_s']['median']:.2f} | "
             f"{ph['latent_mean_s']['median']:.3f} | {svc} | {ph['branch_generate_mean_s']['median']:.2f} | "
             f"{s['initial_phase_wall_s']['median']:.2f} | {s['branch_tail_wall_s']['median']:.2f} | "
@@ -664,11 +744,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "bench" / "rollout")
     parser.add_argument("--points", default="all",
-                        help="comma list of default,detokenize,k,prompts,length, or all (ignored with --tiny)")
+                        help="comma list of default,detokenize,k,prompts,length,latent,flat; all = the first five "
+                        "(ignored with --tiny)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, choices=(0, 1), default=None,
+                        help="one uncounted warm-up pair per point (default 1; 0 with --tiny)")
     parser.add_argument("--detokenize", choices=("on", "off"), default="on",
-                        help="vLLM detokenization in the k / prompts / length / latent sweeps (on = what the code does today)")
-    parser.add_argument("--tiny", action="store_true", help="smoke mode: one point, 2 prompts, K=1, 24 tokens, 1 repeat")
+                        help="vLLM detokenization in the k / prompts / length / latent / flat sweeps "
+                        "(on = what the code does today)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke mode: one point, 2 prompts, K=1, 24 tokens, 1 repeat")
     parser.add_argument("--timeout-s", type=float, default=7200.0, help="hard limit of the whole measurement")
     parser.add_argument("--rollout-timeout-s", type=float, default=600.0, help="limit of one rollout")
     parser.add_argument("--retries", type=int, default=2, help="restarts after a failed child (resumes)")
@@ -677,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tiny:
         args.repeats = min(args.repeats, 1) if "--repeats" not in argv else args.repeats
+    if args.warmup is None:
+        args.warmup = 0 if args.tiny else 1
     if args._child:
         return measure(args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,8 @@ def run_trainer(artifacts: dict, algorithm: str, out_dir: Path, steps: int, time
         finally:
             _kill_tree(proc.pid, ray_temp_dir)
             proc.wait()
+    if returncode == 0:  # Ray's session logs are kept only for a failed run
+        shutil.rmtree(ray_temp_dir, ignore_errors=True)
     return {"algorithm": algorithm, "returncode": returncode, "timed_out": timed_out, "wall_s": time.time() - start,
             "command": " ".join(cmd), "metrics": CpuRun(returncode, out_dir).metrics()}
 
