@@ -19,12 +19,11 @@ sibling's request of the same fork point and the service's batching window; 0 wi
 engine call of the session).
 
 Switches for the experiments, in the trainer config's top-level ``bench`` group, applied to the
-vLLM ``SamplingParams`` of every request of both loops: ``bench.detokenize`` (default true =
-vLLM's default, what the trainer does today; false adds ``detokenize=False``) and
-``bench.flat_logprobs`` (default false; true adds ``flat_logprobs=True``); and
-``bench.cache_vocab_size`` (default false): ``agent_loop.policy_vocab_size`` (an
-``AutoConfig.from_pretrained`` per session, ~8 ms) computed once per worker process instead.
-``bench_init_s`` in ``extra_fields``: the branching loop's constructor time.
+vLLM ``SamplingParams`` of every request of both loops: ``bench.detokenize`` (default null = as
+the production loops send it: the branching loop ``detokenize=False``, verl's single-turn loop
+vLLM's default True; true / false force it for both) and ``bench.flat_logprobs`` (default false;
+true adds ``flat_logprobs=True``). ``bench_init_s`` in ``extra_fields``: the branching loop's
+constructor time.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from typing import Any
 
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 
-from recipe.iib_lpo import agent_loop as _agent_loop_module
 from recipe.iib_lpo.agent_loop import BranchingAgentLoop
 
 
@@ -48,28 +46,15 @@ def bench_agent_loop_config_path() -> str:
 def _bench_options(config: Any) -> dict:
     raw = config.get("bench", None) if config is not None else None
     raw = dict(raw or {})
-    return {"detokenize": bool(raw.get("detokenize", True)), "flat_logprobs": bool(raw.get("flat_logprobs", False)),
-            "cache_vocab_size": bool(raw.get("cache_vocab_size", False))}
-
-
-_CACHED_VOCAB: dict[tuple, int] = {}
-
-
-def _cached_policy_vocab_size(model_path: str, tokenizer_size: int) -> int:
-    """``agent_loop.policy_vocab_size`` computed once per (model path, tokenizer size) and process."""
-    key = (str(model_path), int(tokenizer_size))
-    if key not in _CACHED_VOCAB:
-        _CACHED_VOCAB[key] = _ORIGINAL_POLICY_VOCAB_SIZE(model_path, tokenizer_size)
-    return _CACHED_VOCAB[key]
-
-
-_ORIGINAL_POLICY_VOCAB_SIZE = getattr(_agent_loop_module, "policy_vocab_size", None)
+    detokenize = raw.get("detokenize", None)
+    return {"detokenize": None if detokenize is None else bool(detokenize),
+            "flat_logprobs": bool(raw.get("flat_logprobs", False))}
 
 
 def _apply_bench_options(config: Any, params: dict) -> dict:
     options = _bench_options(config)
-    if not options["detokenize"]:
-        params["detokenize"] = False
+    if options["detokenize"] is not None:  # None: as the production loop sends it
+        params["detokenize"] = options["detokenize"]
     if options["flat_logprobs"]:
         params["flat_logprobs"] = True  # vLLM's FlatLogprobs container (fewer Python objects per step)
     return params
@@ -122,13 +107,6 @@ class BenchBranchingAgentLoop(BranchingAgentLoop):
     """The recipe's branching loop with phase timers (the I2B-LPO rollout)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        wrapped = kwargs.get("trainer_config")
-        config = getattr(wrapped, "config", None)
-        if _ORIGINAL_POLICY_VOCAB_SIZE is not None:
-            # the experiment "compute the policy's vocab size once per worker, not per session"
-            cached = _bench_options(config)["cache_vocab_size"]
-            _agent_loop_module.policy_vocab_size = (_cached_policy_vocab_size if cached
-                                                    else _ORIGINAL_POLICY_VOCAB_SIZE)
         started = time.perf_counter()
         super().__init__(*args, **kwargs)
         self._bench_init_s = time.perf_counter() - started
@@ -148,7 +126,7 @@ class BenchBranchingAgentLoop(BranchingAgentLoop):
     def _sampling_params(self, sampling_params: dict, max_tokens: int, seed: int | None) -> dict:
         return _apply_bench_options(self.config, super()._sampling_params(sampling_params, max_tokens, seed))
 
-    def _output(self, prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output):
+    def _output(self, prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output, stats):
         extra = {
             **extra,
             "bench_t_start": self._bench["t_start"],
@@ -160,4 +138,4 @@ class BenchBranchingAgentLoop(BranchingAgentLoop):
             "bench_generate_calls": list(self.server_manager.calls),
             "bench_init_s": self._bench_init_s,
         }
-        return super()._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output)
+        return super()._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output, stats)

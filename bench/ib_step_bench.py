@@ -8,9 +8,11 @@ and the ``ngram`` estimator's cost grows with the text. This builds that shape s
 per prompt M = 2 initial rows + M x K = 6 branch rows (``iib_lpo_step``'s roles from the same
 ``extra_fields`` the agent loop writes, fork points mid-response), each response a math-like text
 of ``--words`` words (3000 words ~ 4000 Qwen tokens) with some repeated sentences, and times
-``IBInputs`` + ``ib_step.iib_lpo_step`` + ``step_metrics.iib_lpo_step_metrics`` (everything inside
-the trainer's ``timing_s/iib_lpo_ib_filter_adv`` except TransferQueue I/O and the tokenizer's
-batch_decode, which is reported apart when a tokenizer is given with ``--tokenizer``).
+``ib_step.iib_lpo_step`` + ``step_metrics.iib_lpo_step_metrics`` (everything inside the trainer's
+``timing_s/iib_lpo_ib_filter_adv`` except TransferQueue I/O) with the per-trajectory text statistics
+(``ib.text_stats``) precomputed, as the agent loop now delivers them, and with them computed in the
+step (the fallback path, and the code before that change). The tokenizer's batch_decode, which the
+fallback also needs, is reported apart when a tokenizer is given with ``--tokenizer``.
 """
 
 from __future__ import annotations
@@ -84,49 +86,47 @@ def build_batch(prompts: int, words: int, m: int = 2, k: int = 3, max_tokens: in
 
 
 def measure(prompts: int, words: int, repeats: int, tokenizer: str | None = None) -> dict:
+    """Median seconds of the block two ways: as the trainer runs it (the text statistics came from the
+    agent loop in ``extra_fields``) and with the statistics computed in the step (the fallback for
+    rows without them, and the code before the change); plus the statistics' own cost, which the
+    agent loop now pays per trajectory as it finishes."""
+    import dataclasses
+
     import torch
 
-    from recipe.iib_lpo.ib import IBConfig
+    from recipe.iib_lpo.ib import IBConfig, text_stats
     from recipe.iib_lpo.ib_step import iib_lpo_step
     from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
 
     inputs, roles, extras, prompt_lengths, mask = build_batch(prompts, words)
     rewards = torch.tensor([t.reward for t in inputs], dtype=torch.float64)
     texts = [t.response for t in inputs]
-    step_s, metrics_s = [], []
+    parts: dict[str, list[float]] = {"text_stats": [], "step_with_loop_stats": [], "metrics_with_loop_stats": [],
+                                     "block_stats_in_step": []}
     for _ in range(repeats):
         start = time.perf_counter()
-        result = iib_lpo_step(inputs, roles, mask, IBConfig(), 0.5)
+        stats = [text_stats(t.question, t.response) for t in inputs]
+        parts["text_stats"].append(time.perf_counter() - start)
+        with_stats = [dataclasses.replace(t, response="", text_stats=st) for t, st in zip(inputs, stats)]
+        start = time.perf_counter()
+        result = iib_lpo_step(with_stats, roles, mask, IBConfig(), 0.5)
         mid = time.perf_counter()
-        iib_lpo_step_metrics(roles, extras, rewards, result.scores, result.keep, prompt_lengths, texts,
-                             recomputed_keep=result.recomputed_keep)
-        step_s.append(mid - start)
-        metrics_s.append(time.perf_counter() - mid)
-    # Split: the per-trajectory text statistics (score_trajectories) vs what needs the whole group
-    # (Top-N + advantage), i.e. the block if S_IB were computed per trajectory as it finishes.
-    from recipe.iib_lpo import ib_step as ib_step_module
-    from recipe.iib_lpo.ib import score_trajectories
-
-    score_s, rest_s = [], []
-    original = ib_step_module.score_trajectories
-    try:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scores = score_trajectories(inputs, IBConfig())
-            score_s.append(time.perf_counter() - start)
-            ib_step_module.score_trajectories = lambda trajectories, config, scores=scores: scores
-            start = time.perf_counter()
-            iib_lpo_step(inputs, roles, mask, IBConfig(), 0.5)
-            rest_s.append(time.perf_counter() - start)
-            ib_step_module.score_trajectories = original
-    finally:
-        ib_step_module.score_trajectories = original
+        iib_lpo_step_metrics(roles, extras, rewards, result.scores, result.keep, prompt_lengths,
+                             [st.rep4 for st in stats], recomputed_keep=result.recomputed_keep)
+        parts["step_with_loop_stats"].append(mid - start)
+        parts["metrics_with_loop_stats"].append(time.perf_counter() - mid)
+        start = time.perf_counter()
+        in_step = [text_stats(t.question, t.response) for t in inputs]
+        result = iib_lpo_step([dataclasses.replace(t, text_stats=st) for t, st in zip(inputs, in_step)], roles, mask,
+                              IBConfig(), 0.5)
+        iib_lpo_step_metrics(roles, extras, rewards, result.scores, result.keep, prompt_lengths,
+                             [st.rep4 for st in in_step], recomputed_keep=result.recomputed_keep)
+        parts["block_stats_in_step"].append(time.perf_counter() - start)
     out = {"rows": len(inputs), "words_per_response": words, "tokens_per_response": int(mask.shape[1]),
-           "score_trajectories_s": statistics.median(score_s),
-           "step_with_precomputed_scores_s": statistics.median(rest_s),
            "chars_per_response": statistics.mean(len(t) for t in texts),
-           "iib_lpo_step_s": statistics.median(step_s), "step_metrics_s": statistics.median(metrics_s),
-           "total_s": statistics.median(a + b for a, b in zip(step_s, metrics_s))}
+           **{f"{k}_s": statistics.median(v) for k, v in parts.items()}}
+    out["block_s"] = out["step_with_loop_stats_s"] + out["metrics_with_loop_stats_s"]
+    out["text_stats_per_trajectory_ms"] = 1000 * out["text_stats_s"] / len(inputs)
     if tokenizer:
         from transformers import AutoTokenizer
 

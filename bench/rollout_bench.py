@@ -76,51 +76,58 @@ class Point:
     k: int
     length: int
     prompts: int
-    detokenize: bool = True
+    # vLLM detokenization: None = as the production loops send it (the branching loop off, verl's
+    # single-turn loop on); True / False = forced for both algorithms
+    detokenize: bool | None = None
     m: int = M_DEFAULT
     latent: str = "cvae"  # iib_lpo.latent.mode of the I2B-LPO side ("none": fork and resample, no z)
     flat_logprobs: bool = False  # SamplingParams(flat_logprobs=True) on every request of both
-    cache_vocab: bool = False  # agent_loop.policy_vocab_size once per worker (bench.cache_vocab_size)
+    rounds: int = 1  # iib_lpo.ib.rounds; GRPO gets the same trajectories per prompt, M x (1 + K x R)
 
     @property
     def key(self) -> str:
         suffix = "" if self.latent == "cvae" else f"_latent{self.latent}"
         suffix += "_flat" if self.flat_logprobs else ""
-        suffix += "_vcache" if self.cache_vocab else ""
-        return f"M{self.m}_K{self.k}_L{self.length}_P{self.prompts}_detok{int(self.detokenize)}{suffix}"
+        suffix += f"_R{self.rounds}" if self.rounds != 1 else ""
+        return f"M{self.m}_K{self.k}_L{self.length}_P{self.prompts}_detok{detok_label(self.detokenize)}{suffix}"
 
     @property
     def group_size(self) -> int:
-        return self.m * (1 + self.k)
+        return self.m * (1 + self.k * self.rounds)
+
+
+def detok_label(detokenize: bool | None) -> str:
+    return "code" if detokenize is None else ("on" if detokenize else "off")
 
 
 DEFAULT = Point(k=3, length=128, prompts=32)
 TINY = Point(k=1, length=24, prompts=2)
 
 
-def sweep_points(which: str, tiny: bool, detokenize: bool = True) -> list[Point]:
-    """The points of a run: "default", "detokenize", "k", "prompts", "length", "latent" or "all";
-    ``detokenize`` applies to the k / prompts / length / latent sweeps."""
+def sweep_points(which: str, tiny: bool, detokenize: bool | None = None) -> list[Point]:
+    """The points of a run: "default", "detokenize", "k", "prompts", "length", "latent", "rounds" or
+    "all"; ``detokenize`` applies to the k / prompts / length / latent / rounds sweeps."""
     if tiny:
         return [TINY]
     d = detokenize
     groups = {
         "default": [DEFAULT],
-        "detokenize": [DEFAULT, Point(k=3, length=128, prompts=32, detokenize=False),
-                       Point(k=3, length=128, prompts=4, detokenize=False)],
+        # the code as it is against detokenization forced on / off for both algorithms
+        "detokenize": [DEFAULT, Point(k=3, length=128, prompts=32, detokenize=True),
+                       Point(k=3, length=128, prompts=32, detokenize=False)],
         "k": [Point(k=k, length=128, prompts=32, detokenize=d) for k in (1, 3, 7)],
         "prompts": [Point(k=3, length=128, prompts=p, detokenize=d) for p in (4, 16, 32, 64)],
         "length": [Point(k=3, length=n, prompts=32, detokenize=d) for n in (64, 128, 256)],
         # the latent token's own cost: the same point with latent.mode=none (fork + plain resample)
         "latent": [Point(k=3, length=128, prompts=32, detokenize=d),
                    Point(k=3, length=128, prompts=32, detokenize=d, latent="none")],
-        "off": [Point(k=3, length=128, prompts=32, detokenize=False)],
-        "vcache": [Point(k=3, length=128, prompts=32, detokenize=d),
-                   Point(k=3, length=128, prompts=32, detokenize=d, cache_vocab=True)],
+        # the second IB round (issue 12): R = 2 against R = 1, each against GRPO with as many samples
+        "rounds": [Point(k=3, length=128, prompts=32, detokenize=d),
+                   Point(k=3, length=128, prompts=32, detokenize=d, rounds=2)],
         "flat": [Point(k=3, length=128, prompts=32, detokenize=d),
                  Point(k=3, length=128, prompts=32, detokenize=d, flat_logprobs=True)],
     }
-    names = [g for g in groups if g not in ("latent", "flat", "off", "vcache")] if which == "all" else which.split(",")
+    names = [g for g in groups if g not in ("latent", "flat", "rounds")] if which == "all" else which.split(",")
     out: list[Point] = []
     for name in names:
         for p in groups[name]:
@@ -218,8 +225,8 @@ def point_config(base, point: Point):
         config.iib_lpo.num_initial_rollouts = point.m
         config.iib_lpo.num_branches = point.k
         config.iib_lpo.latent.mode = point.latent
-        config.bench = {"detokenize": point.detokenize, "flat_logprobs": point.flat_logprobs,
-                        "cache_vocab_size": point.cache_vocab}
+        config.iib_lpo.ib.rounds = point.rounds
+        config.bench = {"detokenize": point.detokenize, "flat_logprobs": point.flat_logprobs}
     return config
 
 
@@ -527,7 +534,7 @@ def measure(args) -> int:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    points = sweep_points(args.points, args.tiny, detokenize=args.detokenize == "on")
+    points = sweep_points(args.points, args.tiny, detokenize={"code": None, "on": True, "off": False}[args.detokenize])
     done = _done_points(out / "points.jsonl")
     todo = [p for p in points if p.key not in done]
     if not todo:
@@ -690,18 +697,17 @@ def headline(out: Path, point: Point = DEFAULT) -> str | None:
 
 
 def _point_cells(p: dict) -> str:
-    latent = p.get("latent", "cvae") + (" flat" if p.get("flat_logprobs") else "") + \
-        (" vcache" if p.get("cache_vocab") else "")
-    return (f"| {p['m']} | {p['k']} | {p['length']} | {p['prompts']} | {'on' if p['detokenize'] else 'off'} | "
-            f"{latent}")
+    latent = p.get("latent", "cvae") + (" flat" if p.get("flat_logprobs") else "")
+    return (f"| {p['m']} | {p['k']} | {p.get('rounds', 1)} | {p['length']} | {p['prompts']} | "
+            f"{detok_label(p['detokenize'])} | {latent}")
 
 
 def report(out: Path) -> str:
     """Markdown tables of a finished run (BENCHMARKS.md)."""
     recs = load_results(out)
-    lines = ["| M | K | L | prompts | detok | latent | wall GRPO s | wall I2B-LPO s | wall ratio | token ratio | "
+    lines = ["| M | K | R | L | prompts | detok | latent | wall GRPO s | wall I2B-LPO s | wall ratio | token ratio | "
              "branch prefix-cache hit (of block-aligned) | load1 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in recs:
         p, s = rec["point"], rec["summary"]
         lines.append(
@@ -709,11 +715,11 @@ def report(out: Path) -> str:
             f"**{_fmt(s['wall_ratio'])}** | "
             f"{_fmt(s['token_ratio'], 3)} | {s['prefix_cache_hit']['median']:.2f} "
             f"({s['prefix_cache_hit_of_block_aligned']['median']:.2f}) | {_fmt(s['load1'], 1)} |")
-    lines += ["", "| M | K | L | prompts | detok | latent | GRPO generate / session s | I2B-LPO initial generate s | "
+    lines += ["", "| M | K | R | L | prompts | detok | latent | GRPO generate / session s | I2B-LPO initial generate s | "
               "entropy + fork s | wait for parent s | encoder + prior (branch view) s | latent service compute s "
               "(calls) | branch generate s | initial-phase wall s | branch-tail wall s | IB+filter+adv s (core) | "
               "IB / rollout wall |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rec in recs:
         p, s = rec["point"], rec["summary"]
         ph = s["phases"]
@@ -744,14 +750,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "bench" / "rollout")
     parser.add_argument("--points", default="all",
-                        help="comma list of default,detokenize,k,prompts,length,latent,flat; all = the first five "
+                        help="comma list of default,detokenize,k,prompts,length,latent,rounds,flat; all = the first five "
                         "(ignored with --tiny)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, choices=(0, 1), default=None,
                         help="one uncounted warm-up pair per point (default 1; 0 with --tiny)")
-    parser.add_argument("--detokenize", choices=("on", "off"), default="on",
-                        help="vLLM detokenization in the k / prompts / length / latent / flat sweeps "
-                        "(on = what the code does today)")
+    parser.add_argument("--detokenize", choices=("code", "on", "off"), default="code",
+                        help="vLLM detokenization in the k / prompts / length / latent / rounds / flat sweeps "
+                        "(code = as the production loops send it; on / off = forced for both algorithms)")
     parser.add_argument("--tiny", action="store_true",
                         help="smoke mode: one point, 2 prompts, K=1, 24 tokens, 1 repeat")
     parser.add_argument("--timeout-s", type=float, default=7200.0, help="hard limit of the whole measurement")

@@ -6,7 +6,11 @@ applied to it in order, so a checker can recompute the answer without reading th
 
     make_demo_problems(3, seed=0)[0] ->
     {"id": "demo-0-0", "question": "...", "answer": "17", "answer_value": 17,
-     "start": 5, "ops": [["add", 4], ["mul", 2], ["sub", 1]], "template": "..."}
+     "start": 5, "ops": [["add", 4], ["mul", 2], ["sub", 1]], "template": "...",
+     "solution": "5 + 4 = 9.\n9 * 2 = 18.\n18 - 1 = 17.\nThe answer is \\boxed{17}."}
+
+The ``solution`` is a step-by-step reference (one line per operation, then the boxed answer): the
+CPU demo warm-starts its tiny model on it, and the CVAE stage trains on its step prefixes.
 """
 
 from __future__ import annotations
@@ -103,6 +107,22 @@ TEMPLATES = {
 }
 
 
+OP_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
+def solution_text(start: int, ops: list, answer: int) -> str:
+    """The step-by-step reference solution: ``a op b = c.`` per operation, then the boxed answer."""
+    lines, value = [], start
+    for op, operand in ops:
+        result = _apply(value, op, operand)
+        lines.append(f"{value} {OP_SYMBOLS[op]} {operand} = {result}.")
+        value = result
+    if value != answer:
+        raise AssertionError(f"solution steps end at {value}, not at the answer {answer}")
+    lines.append(f"The answer is \\boxed{{{answer}}}.")
+    return "\n".join(lines)
+
+
 def _apply(value: int, op: str, operand: int) -> int:
     if op == "add":
         return value + operand
@@ -141,6 +161,7 @@ def make_demo_problems(n: int, seed: int = 0) -> list[dict]:
                 "start": start,
                 "ops": ops,
                 "template": template,
+                "solution": solution_text(start, ops, value),
             }
         )
     return problems

@@ -173,7 +173,8 @@ def _read_records(
             counts.rows_in += 1
             keep(
                 Problem(
-                    question=item["question"], answer=item["answer"], original_id=item["id"], type=item["template"]
+                    question=item["question"], answer=item["answer"], original_id=item["id"], type=item["template"],
+                    solution=item["solution"],
                 ),
                 index,
                 item["id"],

@@ -16,6 +16,7 @@ import torch
 from recipe.iib_lpo import agent_loop as al
 from recipe.iib_lpo.branching import BranchingConfig, choose_fork_position
 from recipe.iib_lpo.entropy import estimate_entropy_from_topk
+from recipe.iib_lpo.ib import TextStats, text_stats
 from recipe.iib_lpo.latent_sampler import LatentSamples
 from verl.workers.rollout.replica import TokenOutput
 
@@ -228,6 +229,14 @@ def test_group_branches_masks_logprobs_and_sticky_ids(tiny_qwen2_dir, tokenizer,
     values = sorted({float(c["image_data"][0, 0, 0]) for c in branch_calls})
     assert values == [0.5 * v for v in (10, 11, 12, 20, 21, 22)]
     assert sampler.calls[0][0][0].startswith("Tom has 3 apples")
+    # no request asks vLLM for text: nothing reads it (BENCHMARKS.md: detokenizing top-k was the main cost)
+    assert all(c["sampling_params"]["detokenize"] is False for c in server.calls)
+    # the IB estimator's text statistics, computed as each trajectory finished, are those of the
+    # returned tokens decoded as the trainer decodes them
+    question = "Tom has 3 apples and buys 4 more. How many?"
+    for out in outputs:
+        expected_stats = text_stats(question, tokenizer.decode(out.response_ids, skip_special_tokens=True))
+        assert TextStats.from_extra_fields(out.extra_fields) == expected_stats
 
 
 def test_latent_mode_none_forks_without_latent(tiny_qwen2_dir, tokenizer):

@@ -41,8 +41,12 @@ def test_sweep_points_cover_the_issue():
     assert {p.k for p in points} == {1, 3, 7}
     assert {p.length for p in points} >= {64, 128, 256}
     assert {p.prompts for p in points} >= {4, 16, 32, 64}
-    assert {p.detokenize for p in points} == {True, False}
+    assert {p.detokenize for p in points} == {None, True, False}  # as the code sends it, forced on, forced off
     assert rb.sweep_points("all", tiny=True) == [rb.TINY]
+    # the second IB round against the first, each against GRPO with as many trajectories per prompt
+    r1, r2 = rb.sweep_points("rounds", tiny=False)
+    assert (r1.rounds, r2.rounds) == (1, 2) and (r1.group_size, r2.group_size) == (8, 14)
+    assert r1.key != r2.key
 
 
 def test_trainer_breakdown_summary_share():

@@ -10,6 +10,7 @@ import torch
 from recipe.iib_lpo.ib import (
     IBConfig,
     IBInputs,
+    TextStats,
     best_branch_per_fork_source,
     echo_fraction,
     filler_fraction,
@@ -19,7 +20,9 @@ from recipe.iib_lpo.ib import (
     ngram_ib_score,
     register_ib_estimator,
     repeated_ngram_fraction,
+    question_text,
     score_trajectories,
+    text_stats,
     topn_keep_mask,
     word_tokens,
 )
@@ -95,6 +98,39 @@ def test_ngram_score_closed_form():
         ngram_ib_score("q", "r", -1.0, 1, 10)
     with pytest.raises(ValueError, match="max_tokens"):
         ngram_ib_score("q", "r", 1.0, 1, 0)
+
+
+def test_text_stats_known_answer_and_precomputed_stats_give_the_same_score():
+    # "a b c d a b c d" vs question "a b c d": rep4 = 1/5, echo = 2/5, filler 0 (closed form above)
+    stats = text_stats("a b c d", "a b c d a b c d")
+    assert (stats.rep4, stats.echo, stats.filler) == (pytest.approx(0.2), pytest.approx(0.4), 0.0)
+    assert text_stats("q", "short") == TextStats(rep4=0.0, echo=0.0, filler=1.0)
+    # the agent loop's stats stand in for the text: the same score for every estimator that reads
+    # text, bit for bit (the stats are the same numbers combined in the same order)
+    for name in ("ngram", "answer_likelihood"):
+        config = IBConfig(estimator=name)
+        for text, reward in ((CONCISE, 1.0), (PADDED, 1.0), (WRONG, 0.0), (LOOP, 0.0)):
+            kw = dict(reward=reward, num_tokens=len(word_tokens(text)), max_tokens=MAX_TOKENS, answer_logprob=-0.7,
+                      answer_num_tokens=2)
+            from_text = score_trajectories([IBInputs(QUESTION, text, **kw)], config)
+            from_stats = score_trajectories([IBInputs(QUESTION, "", text_stats=text_stats(QUESTION, text), **kw)], config)
+            assert torch.equal(from_text, from_stats), (name, text[:20])
+    # the stats are what decides: other stats, another score
+    other = IBInputs(QUESTION, "", 1.0, 10, MAX_TOKENS, text_stats=TextStats(rep4=0.9, echo=0.0, filler=0.0))
+    assert float(score_trajectories([other], IBConfig())[0]) == pytest.approx(1.0 - (0.5 * 0.9 + 0.2 * 10 / MAX_TOKENS))
+
+
+def test_text_stats_through_extra_fields_and_bad_values():
+    stats = TextStats(rep4=0.25, echo=0.5, filler=1.0)
+    assert TextStats.from_extra_fields(stats.to_extra_fields()) == stats
+    assert TextStats.from_extra_fields({"iib_role": "initial"}) is None  # rows from verl's own loops
+    with pytest.raises(ValueError, match=r"TextStats.echo must be a number in \[0, 1\], got None"):
+        TextStats.from_extra_fields({"iib_text_rep4": 0.1, "iib_text_filler": 0.0})
+    with pytest.raises(ValueError, match="TextStats.rep4"):
+        TextStats(rep4=float("nan"), echo=0.0, filler=0.0)
+    with pytest.raises(ValueError, match="extra_info.question"):
+        question_text({"index": 3})
+    assert question_text({"question": "Why?"}) == "Why?"
 
 
 def test_case_study_ordering():

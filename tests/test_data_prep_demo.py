@@ -115,3 +115,28 @@ def test_cli_rejects_template_without_field(tmp_path, capsys):
     )
     row = pq.read_table(tmp_path / "demo_train.parquet").to_pylist()[0]
     assert row["prompt"][0]["content"] == f"Q: {row['extra_info']['question']}\nA:"
+
+
+def test_demo_solutions_are_correct_step_by_step():
+    """Each solution line is one operation of the problem, its arithmetic is right, and the last
+    line boxes the answer (the CPU demo's warm start and the CVAE stage train on these)."""
+    symbols = {"+": "add", "-": "sub", "*": "mul", "/": "div"}
+    for p in make_demo_problems(300, seed=11):
+        lines = p["solution"].split("\n")
+        assert len(lines) == len(p["ops"]) + 1, p
+        value = p["start"]
+        for line, (op, operand) in zip(lines, p["ops"]):
+            m = re.fullmatch(r"(\d+) ([-+*/]) (\d+) = (\d+)\.", line)
+            assert m, line
+            a, sym, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert (a, symbols[sym], b) == (value, op, operand)
+            value = int(CHECK_OPS[op](value, operand))
+            assert c == value
+        assert lines[-1] == f"The answer is \\boxed{{{p['answer']}}}."
+
+
+def test_demo_parquet_carries_the_solution(tmp_path):
+    assert main(["--dataset", "demo", "--num-problems", "12", "--seed", "2", "--out", str(tmp_path)]) == 0
+    rows = pq.read_table(tmp_path / "demo_train.parquet").to_pylist()
+    expected = {p["question"]: p["solution"] for p in make_demo_problems(12, seed=2)}
+    assert rows and all(r["extra_info"]["solution"] == expected[r["extra_info"]["question"]] for r in rows)

@@ -82,6 +82,7 @@ def test_iib_lpo_two_steps_latents_filter_and_weight_sync(iib_lpo_run):
         assert m["iib_lpo/latent_status/injected"] > 0  # branches continued after a latent token
         assert m["iib_lpo/fork_rate"] > 0
         assert m["iib_lpo/keep_rate"] < 1  # the IB filter dropped branches (top_n = ceil(3/2) of 3)
+        assert m["iib_lpo/text_stats_from_rollout"] == 1.0  # the agent loop's text statistics reached the step
         assert "iib_lpo/ib_score_dropped" in m and "iib_lpo/ib_score_kept" in m
         assert 0 < m["critic/score/mean"] < 1  # rewards vary, so advantages are non-zero
         assert m["actor/pg_loss"] != 0

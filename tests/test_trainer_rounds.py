@@ -81,7 +81,7 @@ def test_round_metrics_known_answer():
     scores = torch.tensor([-0.1, -0.2, 0.8, 0.7, -0.3])
     keep = torch.tensor([True, False, True, True, False])
     recomputed = torch.tensor([True, True, False, True, False])  # the trainer disagreed on round 1
-    m = iib_lpo_step_metrics(roles, extra, rewards, scores, keep, [5] * 5, ["a"] * 5, recomputed_keep=recomputed)
+    m = iib_lpo_step_metrics(roles, extra, rewards, scores, keep, [5] * 5, [0.0] * 5, recomputed_keep=recomputed)
     assert m["iib_lpo/round0/acc"] == 0.0 and m["iib_lpo/round1/acc"] == 0.5 and m["iib_lpo/round2/acc"] == 0.5
     assert m["iib_lpo/round1/keep_rate"] == 0.5 and m["iib_lpo/round2/keep_rate"] == 0.5
     assert m["iib_lpo/round1/ib_score_kept"] == pytest.approx(0.8) and m["iib_lpo/round2/ib_score_kept"] == pytest.approx(0.7)
@@ -93,7 +93,7 @@ def test_round_metrics_known_answer():
     # a lineage that stopped: round 2 sessions are resamples of a too-short survivor
     roles[3:] = [RowRole("u", 3, 0, ROW_RESAMPLE, 2), RowRole("u", 4, 0, ROW_RESAMPLE, 2)]
     extra[3:] = [_extra(iib_fork_reason="too_short"), _extra(iib_fork_reason="too_short")]
-    m = iib_lpo_step_metrics(roles, extra, rewards, scores, keep, [5] * 5, ["a"] * 5, recomputed_keep=recomputed)
+    m = iib_lpo_step_metrics(roles, extra, rewards, scores, keep, [5] * 5, [0.0] * 5, recomputed_keep=recomputed)
     assert m["iib_lpo/round2/fork_rate"] == 0.0 and m["iib_lpo/round2/fork_reason/too_short"] == 1.0
     assert "iib_lpo/round2/keep_rate" not in m and m["iib_lpo/round2/acc"] == 0.5
 

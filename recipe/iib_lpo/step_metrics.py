@@ -14,7 +14,7 @@ Meanings (README, "Metrics"):
   prompt, and that over what a plain group of the same size would generate (n x the mean length
   of the initial rollouts).
 - ``response_length``: mean response length (prefix + continuation); ``rep4``: mean share of
-  repeated 4-grams (``ib.repeated_ngram_fraction``) of the decoded responses.
+  repeated 4-grams (``ib.TextStats.rep4``, as the IB score uses it) of the responses.
 
 Per round (``round<r>/``, r = 0 for the initial rollouts, 1..R for the branch sessions of round r;
 logged for R = 1 too, so an R = 1 and an R = 2 run compare round by round):
@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 
-from recipe.iib_lpo.ib import repeated_ngram_fraction, word_tokens
 from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, RowRole
 
 PREFIX = "iib_lpo/"
@@ -58,13 +57,13 @@ def iib_lpo_step_metrics(
     scores: torch.Tensor,
     keep: torch.Tensor,
     prompt_lengths: Sequence[int],
-    response_texts: Sequence[str],
+    rep4: Sequence[float],
     recomputed_keep: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """The metrics listed in the module docstring, keyed ``iib_lpo/<name>``; undefined ones omitted."""
     n = len(roles)
     if not (len(extra_fields) == rewards.shape[0] == scores.shape[0] == keep.shape[0] == len(prompt_lengths)
-            == len(response_texts) == n):
+            == len(rep4) == n):
         raise ValueError("iib_lpo_step_metrics: every per-row input must have one entry per row")
     initial = [i for i, r in enumerate(roles) if r.kind == ROW_INITIAL]
     branches = [i for i, r in enumerate(roles) if r.kind == ROW_BRANCH]
@@ -105,7 +104,7 @@ def iib_lpo_step_metrics(
     out["response_length"] = _mean(
         [int(e.get("iib_prefix_length", 0)) + int(e.get("iib_generated_length", 0)) for e in extra_fields]
     )
-    out["rep4"] = _mean([repeated_ngram_fraction(word_tokens(t)) for t in response_texts])
+    out["rep4"] = _mean(rep4)
     out.update(round_metrics(roles, extra_fields, rewards, scores, keep, recomputed_keep))
     # undefined means (no branches, nothing dropped, ...) are left out rather than logged as NaN
     return {PREFIX + k: v for k, v in out.items() if not math.isnan(v)}

@@ -38,7 +38,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from recipe.iib_lpo.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig, group_zscore
-from recipe.iib_lpo.ib import IBConfig, IBInputs
+from recipe.iib_lpo.ib import IBConfig, IBInputs, TextStats, question_text, text_stats
 from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step, row_kind, row_role
 from recipe.iib_lpo.loss_terms import LossTermsConfig
 from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
@@ -160,18 +160,26 @@ class IibLpoTrainer(PPOTrainerSync):
         adv_config = AdvantageConfig(**dict(iib.advantage))
         mask = data.batch["response_mask"]
         lengths = [len(r) for r in responses]
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        questions = [question_text(e) for e in rows["extra_info"]]
+        # rep4 / echo / filler were computed by the agent loop as each trajectory finished; rows
+        # without them (e.g. from verl's own agent loops) are decoded and computed here
+        stats = [TextStats.from_extra_fields(e) for e in rows["extra_fields"]]
+        missing = [i for i, s in enumerate(stats) if s is None]
+        texts = [""] * len(roles)
+        for i, text in zip(missing, self.tokenizer.batch_decode([responses[i] for i in missing], skip_special_tokens=True)):
+            texts[i], stats[i] = text, text_stats(questions[i], text)
         token_adv = self._grpo_token_advantages(rewards, roles, adv_config.eps) if ib_config.estimator == "ibro" else None
         entropy = data.batch.get("entropy")
         trajectories = [
             IBInputs(
-                question=_question(rows["extra_info"][i]),
-                response=texts[i],
+                question=questions[i],
+                response=texts[i],  # "" where the agent loop's text_stats stand in for the text
                 reward=float(rewards[i]),
                 num_tokens=lengths[i],
                 max_tokens=int(self.config.actor_rollout_ref.rollout.response_length),
                 token_entropies=entropy[i, : lengths[i]] if entropy is not None else None,
                 token_advantages=token_adv[i] if token_adv is not None else None,
+                text_stats=stats[i],
             )
             for i in range(len(roles))
         ]
@@ -190,9 +198,10 @@ class IibLpoTrainer(PPOTrainerSync):
             keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
         )
         metrics.update(
-            iib_lpo_step_metrics(roles, rows["extra_fields"], rewards, result.scores, result.keep, prompt_lengths, texts,
-                                 recomputed_keep=result.recomputed_keep)
+            iib_lpo_step_metrics(roles, rows["extra_fields"], rewards, result.scores, result.keep, prompt_lengths,
+                                 [s.rep4 for s in stats], recomputed_keep=result.recomputed_keep)
         )
+        metrics["iib_lpo/text_stats_from_rollout"] = 1.0 - len(missing) / len(roles)
         metrics["timing_s/iib_lpo_ib_filter_adv"] = time.perf_counter() - start
         self._write_step_inputs(rows, roles)
         return batch
@@ -236,11 +245,3 @@ class IibLpoTrainer(PPOTrainerSync):
         os.makedirs(self.config.trainer.default_local_dir, exist_ok=True)
         with open(os.path.join(self.config.trainer.default_local_dir, STEP_INPUTS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _question(extra_info: Any) -> str:
-    question = extra_info.get("question") if isinstance(extra_info, dict) else None
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError("I2B-LPO's IB scores need the problem text in extra_info.question (data_prep writes it)")
-    return question
-
