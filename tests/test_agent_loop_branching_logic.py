@@ -214,6 +214,7 @@ def test_group_branches_masks_logprobs_and_sticky_ids(tiny_qwen2_dir, tokenizer,
             assert ef["iib_generated_length"] == 48 - SPIKE
             assert ef["iib_latent_scale"] == 0.5 and ef["iib_latent_prob"] == 1.0
             assert ef["iib_latent_status"] == "injected"
+            assert ef["iib_latent_sampling_s"] > 0  # the encoder + prior timer, which verl's metrics drop
     # Each branch request: parent's request id, prompt + prefix + placeholder, its own latent.
     parent_tokens = {c["request_id"]: c["returned"] for c in initial_calls}
     assert len(parent_tokens) == 2

@@ -44,9 +44,10 @@ def test_sweep_points_cover_the_issue():
     assert {p.detokenize for p in points} == {None, True, False}  # as the code sends it, forced on, forced off
     assert rb.sweep_points("all", tiny=True) == [rb.TINY]
     # the second IB round against the first, each against GRPO with as many trajectories per prompt
-    r1, r2 = rb.sweep_points("rounds", tiny=False)
-    assert (r1.rounds, r2.rounds) == (1, 2) and (r1.group_size, r2.group_size) == (8, 14)
-    assert r1.key != r2.key
+    r1, r2, r1_wide = rb.sweep_points("rounds", tiny=False)
+    assert (r1.rounds, r2.rounds, r1_wide.rounds) == (1, 2, 1)
+    assert (r1.group_size, r2.group_size, r1_wide.group_size) == (8, 14, 14)  # M (1 + K R)
+    assert len({r1.key, r2.key, r1_wide.key}) == 3
 
 
 def test_trainer_breakdown_summary_share():

@@ -87,6 +87,7 @@ def test_metrics_and_iib_lpo_step_metrics_were_written(smoke):
     iib = _metrics(smoke["out"], "iib_lpo")
     assert all(m["iib_lpo/fork_rate"] > 0 and 0 < m["iib_lpo/keep_rate"] < 1 for m in iib)
     assert iib[0]["iib_lpo/latent_status/injected"] > 0  # latent branches went through vLLM
+    assert iib[0]["iib_lpo/latent_sampling_s"] > 0 and all(m["iib_lpo/text_stats_from_rollout"] == 1.0 for m in iib)
     assert all("iib_lpo/ib_score_kept" in m for m in iib)
     assert not any(k.startswith("iib_lpo/") for m in _metrics(smoke["out"], "grpo") for k in m)
 

@@ -1153,6 +1153,8 @@ class BranchingAgentLoop(AgentLoopBase):
             "iib_loop_keep": loop_keep,
             "iib_loop_reward": loop_reward,
             "iib_loop_ib_score": loop_score,
+            # verl's AgentLoopMetrics keeps only its own timers, so the encoder + prior time travels here
+            "iib_latent_sampling_s": float(metrics.get("latent_sampling", 0.0)),
         }
         output = self._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, out,
                               stats if ranked else self._text_stats(response_ids, kwargs))

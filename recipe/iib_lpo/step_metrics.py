@@ -6,7 +6,8 @@ Meanings (README, "Metrics"):
 - ``fork_pos_frac``: mean t*/L of forked parents; ``fork_entropy``: mean H(t*).
 - ``latent_status/<s>``: share of branches per latent status; ``latent_prob``/``latent_scale``/
   ``latent_norm``: means over branches (scale 0 for branches without a latent; norm over
-  injected ones).
+  injected ones); ``latent_sampling_s``: mean seconds a branch spent getting its latent (encoder +
+  prior, incl. the service's batching window).
 - ``ib_score_kept`` / ``ib_score_dropped``: mean S_IB; ``keep_rate``: kept share of branches.
 - ``acc_initial`` / ``acc_branch``: mean r_v of initial rollouts / branches.
 - ``prefix_cache_hit``: cached prompt tokens / (prompt + prefix) tokens over forked branches.
@@ -83,6 +84,7 @@ def iib_lpo_step_metrics(
     out["latent_prob"] = _mean([extra_fields[i].get("iib_latent_prob") for i in branches])
     out["latent_scale"] = _mean([extra_fields[i].get("iib_latent_scale") for i in branches])
     out["latent_norm"] = _mean([extra_fields[i].get("iib_latent_norm") for i in branches])
+    out["latent_sampling_s"] = _mean([extra_fields[i].get("iib_latent_sampling_s") for i in branches])
     keep_list = keep.tolist()
     out["ib_score_kept"] = _mean([float(scores[i]) for i in range(n) if keep_list[i]])
     out["ib_score_dropped"] = _mean([float(scores[i]) for i in range(n) if not keep_list[i]])
