@@ -122,5 +122,7 @@ def test_rollout_bench_tiny_mode(tmp_path):
     assert summary["wall_ratio"]["median"] > 0 and summary["wall_ratio"]["n"] == 1
     assert 0 < summary["token_ratio"]["median"] < 1  # branches regenerate only the suffix
     text = rb.report(out)
-    assert "| 2 | 1 | 24 | 2 | on |" in text
+    t = rb.TINY  # the tiny point's row: M, K, R, L, prompts, detokenize as the agent loop sends it, latent
+    assert f"| {t.m} | {t.k} | {t.rounds} | {t.length} | {t.prompts} | code | cvae |" in text
+    assert (t.m, t.k, t.rounds, t.detokenize) == (2, 1, 1, None)
     assert rb.headline(out, rb.TINY).startswith("rollout wall-time ratio I2B-LPO / GRPO: ")

@@ -799,7 +799,7 @@ class BranchingAgentLoop(AgentLoopBase):
         params = dict(sampling_params)
         # Nothing reads the engine's text (verl's server returns token ids and log-prob values; the
         # recipe decodes with its tokenizer), and detokenizing the top-k log-prob tokens of every
-        # position was the largest rollout cost on vLLM-CPU (BENCHMARKS.md: wall ratio 1.96 -> 1.25).
+        # position was the largest rollout cost on vLLM-CPU (BENCHMARKS.md: wall ratio 1.46 -> 1.15).
         params["detokenize"] = False
         params["max_tokens"] = max(1, int(max_tokens))
         if seed is not None:
