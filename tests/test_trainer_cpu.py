@@ -104,6 +104,8 @@ def test_resume_gives_step_two_the_same_inputs(artifacts, iib_lpo_run):
     _assert_finished(iib_lpo_run, 2)
     straight = {r["global_steps"]: r for r in iib_lpo_run.step_inputs()}
     assert sorted(straight) == [1, 2]
+    assert all(len(r["latent_prob"]) == 1 for r in straight.values())  # one schedule value per step
+    assert straight[1]["latent_prob"] != straight[2]["latent_prob"]  # the schedule decays between them
     # a run interrupted after step 1: the checkpoint of step 1 only
     resumed_dir = artifacts["root"] / "iib_lpo_resumed"
     shutil.copytree(iib_lpo_run.out_dir / "ckpt" / "global_step_1", resumed_dir / "ckpt" / "global_step_1")

@@ -233,13 +233,18 @@ class IibLpoTrainer(PPOTrainerSync):
         return out
 
     def _write_step_inputs(self, rows: dict, roles: list[RowRole]) -> None:
-        """One JSON line per step: the prompts, their seed keys and the latent schedule at this step."""
+        """One JSON line per step: the prompts, their seed keys and the latent schedule at this step.
+
+        ``latent_prob`` lists the probabilities the forked branches were given; resamples of parents
+        too short to fork carry 0.0 whatever the schedule, and whether a parent is too short depends
+        on what was sampled, so they are left out.
+        """
         from recipe.iib_lpo.agent_loop import prompt_seed_key
 
         keys = sorted({prompt_seed_key({"uid": u, "data_source": d, "extra_info": x})
                        for u, d, x in zip(rows["uid"], rows["data_source"], rows["extra_info"], strict=True)})
         probs = sorted({float(e.get("iib_latent_prob", float("nan"))) for e in rows["extra_fields"]
-                        if e.get("iib_role") == "branch"})
+                        if e.get("iib_role") == "branch" and not e.get("iib_is_resample")})
         record = {"global_steps": int(self.global_steps), "prompt_keys": keys, "latent_prob": probs,
                   "state": recipe_state(self.config, self.global_steps)}
         os.makedirs(self.config.trainer.default_local_dir, exist_ok=True)
