@@ -53,8 +53,8 @@ class DemoPlan:
     num_initial: int = 2
     num_branches: int = 3
     max_response_length: int = 64
-    # measured: 2e-4 for 8 steps x 4 prompts took both algorithms from 30.9 % to 20-23 % held-out P@1
-    # (Adam makes lr-sized moves on the sparse, noisy early gradients); 3e-5 for 16 x 8 kept them at 28.9-32.1 % (three runs)
+    # small because Adam makes lr-sized moves on the sparse, noisy early gradients: 1e-4 and 2e-4
+    # lowered held-out P@1 for both algorithms (measurements in the README, "Two commands")
     actor_lr: float = 3e-5
     run_timeout_s: float = 1200.0
     # evaluation (python -m recipe.iib_lpo.eval run) on the held-out split
