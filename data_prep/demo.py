@@ -109,6 +109,10 @@ TEMPLATES = {
 
 OP_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
+# The wrong operator a misreading of the last step's wording puts in place of the right one ("gives away"
+# read as a gain, "doubles" as "+ 2", "equally into" as a product); never a division, so it stays exact.
+MISREAD_OPERATION = {"add": "sub", "sub": "add", "mul": "add", "div": "mul"}
+
 
 def solution_text(start: int, ops: list, answer: int) -> str:
     """The step-by-step reference solution: ``a op b = c.`` per operation, then the boxed answer."""
@@ -121,6 +125,53 @@ def solution_text(start: int, ops: list, answer: int) -> str:
         raise AssertionError(f"solution steps end at {value}, not at the answer {answer}")
     lines.append(f"The answer is \\boxed{{{answer}}}.")
     return "\n".join(lines)
+
+
+_SYMBOL_OPS = {v: k for k, v in OP_SYMBOLS.items()}
+
+
+def solution_steps(solution: str) -> tuple[int, list]:
+    """(start, ops) of a ``solution_text`` string: the inverse of ``solution_text``, which precise errors
+    for text in any other shape (e.g. a solution from another dataset)."""
+    import re
+
+    lines = solution.strip().split("\n")
+    pattern = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
+    start, ops, value = None, [], None
+    for line in lines[:-1]:
+        match = pattern.match(line)
+        if match is None:
+            raise ValueError(f"not a demo solution step: {line!r}")
+        a, symbol, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
+        if value is not None and a != value:
+            raise ValueError(f"demo solution step {line!r} does not continue from {value}")
+        start = a if start is None else start
+        ops.append([_SYMBOL_OPS[symbol], b])
+        value = c
+    if start is None or not re.fullmatch(r"The answer is \\boxed\{\d+\}\.", lines[-1]):
+        raise ValueError(f"not a demo solution: {solution!r}")
+    return start, ops
+
+
+def misread_solution(start: int, ops: list) -> tuple[str, int]:
+    """A fluent but wrong solution: every step as in ``solution_text`` except the last, whose operator is
+    misread (``MISREAD_OPERATION``, else the first of +, -, * that is not the right one, stays >= 0 and
+    changes the result). Returns (text, the wrong answer it boxes), which always differs from the right one.
+
+    The CPU demo's warm start learns from a mix of right and misread solutions, so it can solve a problem
+    but does not prefer the right reading: the state in which RL turns pass@k into pass@1."""
+    value = start
+    for op, operand in ops[:-1]:
+        value = _apply(value, op, operand)
+    last_op, operand = ops[-1]
+    right = _apply(value, last_op, operand)
+    for wrong_op in (MISREAD_OPERATION[last_op], "add", "sub", "mul"):
+        if wrong_op == last_op or (wrong_op == "sub" and operand > value):
+            continue
+        wrong = _apply(value, wrong_op, operand)
+        if wrong != right:
+            return solution_text(start, [*ops[:-1], [wrong_op, operand]], wrong), wrong
+    raise AssertionError(f"no misreading of {ops[-1]} at {value} changes the answer")  # operands are >= 1
 
 
 def _apply(value: int, op: str, operand: int) -> int:

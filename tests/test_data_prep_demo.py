@@ -140,3 +140,37 @@ def test_demo_parquet_carries_the_solution(tmp_path):
     rows = pq.read_table(tmp_path / "demo_train.parquet").to_pylist()
     expected = {p["question"]: p["solution"] for p in make_demo_problems(12, seed=2)}
     assert rows and all(r["extra_info"]["solution"] == expected[r["extra_info"]["question"]] for r in rows)
+
+
+def test_solution_steps_inverts_solution_text_and_refuses_other_text():
+    from data_prep.demo import solution_steps
+
+    for p in make_demo_problems(200, seed=2):
+        assert solution_steps(p["solution"]) == (p["start"], p["ops"])
+    for bad in ("5 + 4 = 9.\nThe answer is 9.", "5 + 4 = 10.\n9 * 2 = 18.\nThe answer is \\boxed{18}.", "no steps"):
+        with pytest.raises(ValueError):
+            solution_steps(bad)
+
+
+def test_misread_solution_changes_only_the_last_operator_and_the_answer():
+    from data_prep.demo import misread_solution, solution_steps
+
+    for p in make_demo_problems(400, seed=3):
+        text, wrong = misread_solution(p["start"], p["ops"])
+        start, ops = solution_steps(text)  # still a well-formed solution whose steps are exact arithmetic
+        assert start == p["start"] and ops[:-1] == p["ops"][:-1]
+        assert ops[-1][1] == p["ops"][-1][1] and ops[-1][0] != p["ops"][-1][0]
+        assert wrong != p["answer_value"] and wrong >= 0 and text.endswith(f"\\boxed{{{wrong}}}.")
+
+
+def test_warm_start_misreads_the_configured_share():
+    from recipe.iib_lpo.demo_warmstart import sft_solutions
+
+    rows = [{"solution": p["solution"]} for p in make_demo_problems(2000, seed=4)]
+    assert sft_solutions(rows, 0.0, seed=0) == [r["solution"] for r in rows]
+    mixed = sft_solutions(rows, 0.5, seed=0)
+    share = sum(a != r["solution"] for a, r in zip(mixed, rows)) / len(rows)
+    assert 0.45 < share < 0.55  # 2000 seeded draws: s.e. 0.011
+    assert mixed == sft_solutions(rows, 0.5, seed=0) and mixed != sft_solutions(rows, 0.5, seed=1)
+    with pytest.raises(ValueError):
+        sft_solutions(rows, 1.0, seed=0)

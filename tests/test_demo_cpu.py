@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.ray, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.ray, pytest.mark.timeout(3000)]
 
-SMOKE_TIMEOUT_S = 1500  # measured: about 10-12 min on 2 idle cores (start-up of two Ray clusters dominates)
-RERUN_TIMEOUT_S = 300
+SMOKE_TIMEOUT_S = 2400  # measured: 10-12 min on the earlier machine, about 21 min on an AMD EPYC without AVX512
+RERUN_TIMEOUT_S = 600
 STEPS = 2
 ALGOS = ("iib_lpo", "grpo")
-PLOTS = ("reward_accuracy", "entropy", "response_length", "fork_keep_rates", "ib_scores", "final_eval")
+PLOTS = ("reward_accuracy", "diagnostics", "entropy", "response_length", "fork_keep_rates", "ib_scores", "final_eval")
 
 
 def _run_demo(out: Path, timeout_s: float) -> tuple[int, str, float]:
@@ -59,7 +59,8 @@ def smoke(tmp_path_factory):
 def _metrics(out: Path, algo: str) -> list[dict]:
     from recipe.iib_lpo.cpu_run import CpuRun
 
-    return CpuRun(0, out / "runs" / algo).metrics()
+    # training steps (verl's validation before step 1 writes a row of its own at step 0)
+    return [m for m in CpuRun(0, out / "runs" / algo).metrics() if "critic/score/mean" in m]
 
 
 def _records(out: Path, run: str) -> dict[str, dict]:
@@ -132,15 +133,29 @@ def test_report_plots_and_warm_start(smoke):
     assert "I2B-LPO" in report and "GRPO" in report and "| warm start |" in report
     assert re.search(r"\*\*Outcome\.\*\* I2B-LPO (did not beat|beat) GRPO", report)
     warm = json.loads((out / "warm_start" / "warm_start.json").read_text())
-    assert 0 < warm["heldout_greedy_accuracy"] < 1  # RL needs rewards that vary
+    assert 0 < warm["validation_greedy_accuracy"] < 1  # RL needs rewards that vary
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["timings_s"]) >= {"warm", "cvae", "iib_lpo", "grpo", "eval"}
+    # the machine-readable summary the report is built from (README, "Does it learn?")
+    models = ("warm_start", "grpo", "iib_lpo")
+    assert set(summary["heldout"]) == set(models)
+    assert set(summary["paired"]) == {"grpo_minus_warm_start", "iib_lpo_minus_warm_start", "iib_lpo_minus_grpo"}
+    for name in models:
+        records = _records(out, name)
+        per_problem = [sum(r["correct"]) / len(r["correct"]) for r in records.values()]
+        assert summary["heldout"][name]["p_at_1"] == pytest.approx(sum(per_problem) / len(per_problem))
+        assert (Path(summary["models"][name]["path"]) / "config.json").is_file()  # re-evaluable HF folder
+    grpo, warm_recs = _records(out, "grpo"), _records(out, "warm_start")
+    diffs = [sum(grpo[k]["correct"]) / len(grpo[k]["correct"]) - sum(r["correct"]) / len(r["correct"])
+             for k, r in warm_recs.items()]
+    assert summary["paired"]["grpo_minus_warm_start"]["diff"] == pytest.approx(sum(diffs) / len(diffs))
+    assert summary["paired"]["grpo_minus_warm_start"]["se"] >= 0
+    assert summary["settings"]["steps"] == STEPS
     assert (out / "cvae" / "cvae.pt").is_file() and (out / "logs" / "cvae.log").is_file()
 
 
 def test_second_run_reuses_what_the_first_built(smoke):
-    rc, output, wall = _run_demo(smoke["out"], RERUN_TIMEOUT_S)
+    rc, output, _ = _run_demo(smoke["out"], RERUN_TIMEOUT_S)
     assert rc == 0, output[-4000:]
     assert output.count("reused") >= 5, output  # data, warm start, CVAE, both trainer runs
-    assert "starting Ray" not in output
-    assert wall < 180, wall
+    assert "starting Ray" not in output  # no trainer ran again (no wall-time assertion: machines differ 3x)

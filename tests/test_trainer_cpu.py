@@ -88,8 +88,13 @@ def test_iib_lpo_two_steps_latents_filter_and_weight_sync(iib_lpo_run):
         assert m["actor/pg_loss"] != 0
         assert m["actor/ib_reg_loss"] != 0  # the recipe's loss function ran in the actor workers
         assert m["timing_s/iib_lpo_ib_filter_adv"] > 0
-        # rollout correction's off-policy metrics for branch and initial tokens apart (the latent's mismatch)
-        assert m["iib_lpo/branch_kl"] > 0 and m["iib_lpo/initial_kl"] >= 0
+        # rollout correction's off-policy metrics for branch and initial tokens apart. verl's `kl` is a sample
+        # mean of log-ratios, negative when the two policies agree (-0.0016 was measured on initial tokens), and
+        # even `k3_kl` = mean(exp(d) - d - 1), >= 0 in exact arithmetic, rounds to about -2e-9 in float32 when
+        # d ~ 1e-7: neither has a usable sign. What holds: branch tokens were sampled with a latent the actor does
+        # not see, a mismatch far above the initial tokens' (measured: initial k3 0.004-0.0045, branch 0.12-0.29)
+        initial, branch = abs(m["iib_lpo/initial_k3_kl"]), m["iib_lpo/branch_k3_kl"]
+        assert initial < 0.05 and branch > 5 * max(initial, 1e-6), (initial, branch)
 
 
 def test_grpo_two_steps_through_the_recipe_entry_point(artifacts):

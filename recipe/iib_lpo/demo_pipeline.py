@@ -35,14 +35,17 @@ STAGE_FILE = "stage.json"
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo run. ``default_plan`` and ``smoke_plan`` are the two presets."""
+    """Sizes of one demo run. ``default_plan``, ``study_plan`` and ``smoke_plan`` are the presets."""
 
     algos: tuple[str, ...] = ALGORITHMS
     steps: int = 16
     seed: int = 0
-    num_problems: int = 6300  # generated; duplicates are dropped, then the held-out split is cut off
+    num_problems: int = 6300  # generated; duplicates are dropped, then validation + held-out are cut off
+    # validation: every choice of the demo was tuned on it, and verl validates on it (trainer.test_freq);
+    # held-out: only the reported numbers (README, "Does it learn?")
+    validation_size: int = 100
     heldout_size: int = 300
-    warm: WarmStartConfig = field(default_factory=WarmStartConfig)
+    warm: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(misread_share=0.5))
     # CVAE stage (python -m recipe.iib_lpo.train_cvae, prefix mode, tiny offline encoder)
     cvae_rows: int = 1500
     cvae_epochs: int = 10
@@ -53,12 +56,17 @@ class DemoPlan:
     num_initial: int = 2
     num_branches: int = 3
     max_response_length: int = 64
-    # small because Adam makes lr-sized moves on the sparse, noisy early gradients: 1e-4 and 2e-4
-    # lowered held-out P@1 for both algorithms (measurements in the README, "Two commands")
-    actor_lr: float = 3e-5
+    # chosen with the reference learner on the validation split: 1e-4 +11.1 points in 40 steps, 3e-4 +2.2, and
+    # 3e-5 had moved nothing in 16 (README, "Does it learn?")
+    actor_lr: float = 1e-4
+    # verl's own validation on the validation split every test_freq steps and before step 1 (greedy, verl's
+    # default val_kwargs: one sample per problem; 4 sampled ones cost ~60 s per pass here): the report's curve
+    test_freq: int = 10
+    # one engine batch for a step's 8 x 8 samples (the CPU profile's 32 splits them into two)
+    max_num_seqs: int = 64
     run_timeout_s: float = 1200.0
     # evaluation (python -m recipe.iib_lpo.eval run) on the held-out split
-    eval_problems: int = 100
+    eval_problems: int = 300  # the whole held-out split: paired s.e. of a P@1 difference ~1.5 points
     eval_n: int = 8
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
@@ -66,10 +74,12 @@ class DemoPlan:
     # a second evaluation of the warm start under another name (same engine, prompts and seeds): the
     # control that shows identical weights give identical samples, so a difference means new weights
     eval_repeat_warm: bool = False
-    # expected durations on 2 idle cores (announced with each phase), seconds
-    # (measured 2026-12-01: warm start 240 s, CVAE 6 s, I2B-LPO 170 s, GRPO 156 s, eval 22 s)
+    # expected durations on 2 idle cores (announced with each phase), seconds; measured 2026-12-02 on an AMD EPYC
+    # without AVX512 (README, "Does it learn?"): warm start 442 s, CVAE 16 s, a trainer run 3-4.5 min of
+    # start-up + 10-15 s per step, evaluation 412 s for 2 models x 300 problems x 8 samples
     expect_s: dict = field(default_factory=lambda: {
-        "data": 10, "warm": 240, "cvae": 15, "iib_lpo": 180, "grpo": 170, "eval": 40, "report": 10})
+        "data": 10, "warm": 450, "cvae": 20, "iib_lpo": 220, "grpo": 200, "eval": 600, "report": 10})
+    expect_step_s: float = 13.0  # a trainer stage is expected to take expect_s[algo] (start-up) + steps x this
 
     @property
     def trajectories_per_prompt(self) -> int:
@@ -80,14 +90,24 @@ def default_plan(**kw) -> DemoPlan:
     return DemoPlan(**kw)
 
 
+STUDY_STEPS = 40
+
+
+def study_plan(**kw) -> DemoPlan:
+    """``--study``: the default run with STUDY_STEPS training steps per algorithm. Measured for GRPO: held-out
+    P@1 +3.7 points (s.e. 1.2) over the warm start, half the project's +8 target (README, "Does it learn?")."""
+    return DemoPlan(**{"steps": STUDY_STEPS, **kw})
+
+
 def smoke_plan(**kw) -> DemoPlan:
     """The smallest run that still goes through every stage (CI): the default data and warm start
     (a weaker one samples too few correct answers for GRPO to get a gradient in 2 steps), 2 training
     steps, a short CVAE stage and a small evaluation with the warm start evaluated twice (control)."""
-    # 4 prompts per step; lr 2e-4 so that 2 steps visibly change the engine's samples (the test checks it)
-    base = dict(steps=2, prompts_per_step=4, actor_lr=2e-4, cvae_rows=200, cvae_epochs=2, eval_problems=24, eval_n=4,
+    # 8 prompts per step (64 samples: a step with no correct sample, hence no gradient, has odds ~0.2 % at the
+    # misread warm start's ~9 % accuracy at T = 1); lr 2e-4 so that 2 steps visibly change the engine's samples
+    base = dict(steps=2, prompts_per_step=8, actor_lr=2e-4, cvae_rows=200, cvae_epochs=2, eval_problems=24, eval_n=4,
                 eval_repeat_warm=True,
-                expect_s={**DemoPlan().expect_s, "cvae": 10, "iib_lpo": 110, "grpo": 100, "eval": 30})
+                expect_s={**DemoPlan().expect_s, "cvae": 10, "eval": 60})
     base.update(kw)
     return DemoPlan(**base)
 
@@ -180,22 +200,30 @@ def _run_logged(cmd: list[str], log_path: Path, what: str, timeout_s: float) -> 
 
 
 def stage_data(plan: DemoPlan, out: Path, con: Console) -> dict:
-    """The embedded demo problems (with step-by-step solutions) as verl parquet, train + held-out."""
+    """The embedded demo problems (with step-by-step solutions) as verl parquet: train, validation, held-out."""
     folder = out / "data"
-    key = {"num_problems": plan.num_problems, "heldout": plan.heldout_size, "seed": plan.seed, "v": 2}
+    import pyarrow.parquet as pq
+
+    key = {"num_problems": plan.num_problems, "validation": plan.validation_size, "heldout": plan.heldout_size,
+           "seed": plan.seed, "v": 3}
+    paths = {"train": folder / "demo_train.parquet", "validation": folder / "demo_validation.parquet",
+             "heldout": folder / "demo_heldout.parquet"}
     if not _stage_matches(folder, key):
         _fresh_dir(folder)
         _run_logged([sys.executable, "-m", "data_prep.prepare", "--dataset", "demo", "--out", str(folder),
-                     "--num-problems", str(plan.num_problems), "--val-size", str(plan.heldout_size),
+                     "--num-problems", str(plan.num_problems),
+                     "--val-size", str(plan.validation_size + plan.heldout_size),
                      "--seed", str(plan.seed)], out / "logs" / "data.log", "data preparation", 300)
+        # data_prep's seeded split is already shuffled: its first rows validate, the rest are held out
+        pool = pq.read_table(folder / "demo_val.parquet")
+        pq.write_table(pool.slice(0, plan.validation_size), paths["validation"])
+        pq.write_table(pool.slice(plan.validation_size), paths["heldout"])
+        (folder / "demo_val.parquet").unlink()
         _mark_stage(folder, key)
     else:
         con.line("  reused (same settings)")
-    paths = {"train": folder / "demo_train.parquet", "heldout": folder / "demo_val.parquet"}
-    import pyarrow.parquet as pq
-
     counts = {k: pq.read_metadata(v).num_rows for k, v in paths.items()}
-    con.line(f"  {counts['train']} training problems, {counts['heldout']} held-out problems "
+    con.line(f"  {counts['train']} training, {counts['validation']} validation, {counts['heldout']} held-out problems "
              f"({folder}; duplicates dropped by data_prep)")
     return {**paths, "counts": counts}
 
@@ -204,19 +232,20 @@ def stage_warm_start(plan: DemoPlan, out: Path, data: dict, con: Console) -> dic
     from recipe.iib_lpo.demo_warmstart import build_warm_start
 
     folder = out / "warm_start"
-    key = {"config": asdict(plan.warm), "train": _file_digest(data["train"]), "heldout": _file_digest(data["heldout"])}
+    key = {"config": asdict(plan.warm), "train": _file_digest(data["train"]),
+           "validation": _file_digest(data["validation"])}
     if _stage_matches(folder, key):
         record = json.loads((folder / "warm_start.json").read_text())
         con.line(f"  reused {folder} (built in {_fmt_s(record['sft_seconds'])})")
     else:
         _fresh_dir(folder)
-        record = build_warm_start(folder, data["train"], data["heldout"], plan.warm, log=con.line)
+        record = build_warm_start(folder, data["train"], data["validation"], plan.warm, log=con.line)
         _mark_stage(folder, key)
-    con.line(f"  warm start: greedy accuracy {record['heldout_greedy_accuracy']:.1%} on the first "
-             f"{record['heldout_problems']} held-out problems (transformers greedy decoding, the recipe's reward)")
-    acc = record["heldout_greedy_accuracy"]
+    con.line(f"  warm start: greedy accuracy {record['validation_greedy_accuracy']:.1%} on the first "
+             f"{record['validation_problems']} validation problems (transformers greedy decoding, the recipe's reward)")
+    acc = record["validation_greedy_accuracy"]
     if acc == 0:
-        raise RuntimeError("the warm start solves no held-out problem: every RL reward would be 0. Train longer "
+        raise RuntimeError("the warm start solves no validation problem: every RL reward would be 0. Train longer "
                            "(WarmStartConfig.steps) or check the data.")
     return {"dir": folder, "record": record, "digest": _digest(key)}
 
@@ -256,6 +285,9 @@ def run_spec(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cvae:
         f"actor_rollout_ref.actor.ppo_mini_batch_size={plan.prompts_per_step}",
         f"data.max_response_length={plan.max_response_length}",
         f"actor_rollout_ref.actor.optim.lr={plan.actor_lr}",
+        f"trainer.test_freq={plan.test_freq}",
+        f"trainer.val_before_train={plan.test_freq > 0}",
+        f"actor_rollout_ref.rollout.max_num_seqs={plan.max_num_seqs}",
         # no decoupled weight decay: then the weights change only through the policy gradient, and
         # "the weights inside vLLM changed after the sync" means the update did something
         "actor_rollout_ref.actor.optim.weight_decay=0.0",
@@ -265,7 +297,7 @@ def run_spec(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cvae:
         f"trainer.rollout_data_dir={run_dir / 'rollouts'}",
         "trainer.logger=[file]",
     ]
-    return CpuRunSpec(model_dir=Path(warm["dir"]), train_file=Path(data["train"]), val_file=Path(data["heldout"]),
+    return CpuRunSpec(model_dir=Path(warm["dir"]), train_file=Path(data["train"]), val_file=Path(data["validation"]),
                       out_dir=run_dir, algorithm=algo, steps=plan.steps, num_initial=plan.num_initial,
                       num_branches=plan.num_branches,
                       cvae_checkpoint=Path(cvae["checkpoint"]) if (algo == "iib_lpo" and cvae) else None,
@@ -291,6 +323,18 @@ def _step_line(algo: str, m: dict, steps: int) -> str:
     parts.append(f"entropy {m.get('actor/entropy', float('nan')):.3f}")
     parts.append(f"step {m.get('timing_s/step', float('nan')):.1f} s")
     return "  ".join(parts)
+
+
+def _record_lines(algo: str, m: dict, steps: int) -> list[str]:
+    """Terminal lines of one metrics record: the step line and, where verl validated, the validation P@1."""
+    from recipe.iib_lpo.demo_report import validation_series
+
+    out = [_step_line(algo, m, steps)] if "critic/score/mean" in m else []
+    _, values = validation_series([m])
+    if values:
+        when = "before training" if m["step"] == 0 else f"after step {m['step']}"
+        out.append(f"  {algo:7s} validation P@1 (verl, greedy) {values[0]:.1%} {when}")
+    return out
 
 
 # Ray's memory monitor, when it kills workers (the 2.5x wording, and the error verl raises from it)
@@ -322,7 +366,7 @@ def _watch(run_fn: Callable[[], CpuRun], spec: CpuRunSpec, algo: str, con: Conso
     metrics_path = Path(spec.out_dir) / "metrics.jsonl"
     log_path = Path(spec.out_dir) / "train.log"
     start = last_beat = time.perf_counter()
-    shown, log_pos, failure = 0, 0, None
+    shown, trained, log_pos, failure = 0, 0, 0, None
     thread.start()
     while True:
         thread.join(timeout=1.0)
@@ -330,7 +374,9 @@ def _watch(run_fn: Callable[[], CpuRun], spec: CpuRunSpec, algo: str, con: Conso
         for line in lines[shown:]:
             if line.strip():
                 record = json.loads(line)
-                con.line(_step_line(algo, {"step": record["step"], **record["data"]}, spec.steps))
+                for text in _record_lines(algo, {"step": record["step"], **record["data"]}, spec.steps):
+                    con.line(text)
+                trained += "critic/score/mean" in record["data"]
         shown = max(shown, len(lines))
         if not thread.is_alive():
             break
@@ -345,8 +391,8 @@ def _watch(run_fn: Callable[[], CpuRun], spec: CpuRunSpec, algo: str, con: Conso
                 _kill_trainer_children()
         now = time.perf_counter()
         if con.tty or now - last_beat >= heartbeat_s:
-            what = ("starting Ray, the FSDP actor and vLLM" if shown == 0 else f"step {shown + 1}/{spec.steps}"
-                    if shown < spec.steps else "saving the checkpoint and its HF export, shutting down")
+            what = ("starting Ray, the FSDP actor and vLLM" if shown == 0 else f"step {trained + 1}/{spec.steps}"
+                    if trained < spec.steps else "saving the checkpoint and its HF export, shutting down")
             con.status(f"  ... {algo}: {what} ({now - start:.0f} s)")
             last_beat = now
     return result["run"], failure
@@ -362,7 +408,8 @@ def stage_train(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cv
         con.line(f"  reused {run_dir} (same settings; finished)")
         run = CpuRun(0, run_dir)
         for m in run.metrics():
-            con.line(_step_line(algo, m, plan.steps))
+            for text in _record_lines(algo, m, plan.steps):
+                con.line(text)
         return {"run": run, "export": export, "reused": True}
     _fresh_dir(run_dir)
     import psutil
@@ -380,7 +427,7 @@ def stage_train(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cv
         tail = "\n".join(run.log.read_text().splitlines()[-30:]) if run.log.exists() else ""
         why = failure or (f"timed out after {plan.run_timeout_s:.0f} s" if run.timed_out else f"exit code {run.returncode}")
         raise RuntimeError(f"{algo} training {why}; full log {run.log}; last lines:\n{tail}")
-    steps_done = [m["step"] for m in run.metrics()]
+    steps_done = [m["step"] for m in run.metrics() if "critic/score/mean" in m]  # step 0: validation only
     if steps_done != list(range(1, plan.steps + 1)):
         raise RuntimeError(f"{algo}: metrics for steps {steps_done}, expected 1..{plan.steps}; see {run.log}")
     if not (export / "config.json").exists():
@@ -470,7 +517,8 @@ def run_demo(plan: DemoPlan, out: Path, fresh: bool = False) -> dict:
 
     def announce(i: int, name: str) -> float:
         con.line("")
-        con.line(f"[{i}/{len(stages)}] {titles[name]}  (expected about {_fmt_s(plan.expect_s[name])} on 2 idle cores)")
+        expected = plan.expect_s[name] + (plan.steps * plan.expect_step_s if name in ALGORITHMS else 0)
+        con.line(f"[{i}/{len(stages)}] {titles[name]}  (expected about {_fmt_s(expected)} on 2 idle cores)")
         return time.perf_counter()
 
     ctx: dict = {}
@@ -493,6 +541,7 @@ def run_demo(plan: DemoPlan, out: Path, fresh: bool = False) -> dict:
             if plan.eval_repeat_warm:
                 models["warm_start_repeat"] = ctx["warm"]["dir"]
             models.update({a: ctx[a]["export"] for a in plan.algos})
+            ctx["eval_models"] = {name: str(path) for name, path in models.items()}
             retrained = {a for a in plan.algos if not ctx[a]["reused"]}
             if not _stage_matches(out / "eval" / "warm_start", {"warm": ctx["warm"]["digest"]}):
                 retrained |= {"warm_start", "warm_start_repeat"}
@@ -507,8 +556,9 @@ def run_demo(plan: DemoPlan, out: Path, fresh: bool = False) -> dict:
         if name != "report":
             con.line(f"  ({titles[name].split(':')[0].split(' (')[0]}: {_fmt_s(timings[name])})")
     total = time.perf_counter() - t0
-    summary = {"out": str(out), "plan": asdict(plan), "timings_s": timings, "total_s": total,
-               "report": str(ctx["report"]["report"]), "verdict": ctx["report"].get("verdict")}
+    # heldout / paired / models / settings (demo_report.build_summary) + this run's bookkeeping
+    summary = {**ctx["report"]["summary"], "out": str(out), "plan": asdict(plan), "timings_s": timings,
+               "total_s": total, "report": str(ctx["report"]["report"]), "verdict": ctx["report"].get("verdict")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     con.line("")
     if ctx["report"].get("verdict"):
@@ -526,7 +576,9 @@ def plan_from_args(args) -> DemoPlan:
         if not args.lr > 0:
             raise SystemExit("--lr must be > 0")
         kw["actor_lr"] = args.lr
-    plan = smoke_plan(**kw) if args.smoke else default_plan(**kw)
+    if args.smoke and args.study:
+        raise SystemExit("--smoke and --study exclude each other")
+    plan = smoke_plan(**kw) if args.smoke else study_plan(**kw) if args.study else default_plan(**kw)
     if plan.steps < 1:
         raise SystemExit("--steps must be >= 1")
     return replace(plan, warm=replace(plan.warm, seed=plan.seed))
@@ -541,7 +593,8 @@ def build_parser():
                     "held-out evaluation -> report and plots. Stages are cached under --out.")
     parser.add_argument("--algo", choices=("iib_lpo", "grpo", "both"), default="both",
                         help="which RL algorithm(s) to train (default both: I2B-LPO, then GRPO)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per algorithm (default 16; smoke 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"training steps per algorithm (default 16; --study {STUDY_STEPS}; --smoke 2)")
     parser.add_argument("--lr", type=float, default=None,
                         help=f"actor learning rate of both RL runs (default {DemoPlan().actor_lr:g}; smoke 2e-4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, warm start, CVAE, trainer and eval (default 0)")
@@ -549,6 +602,9 @@ def build_parser():
     parser.add_argument("--smoke", action="store_true",
                         help="the smallest run through every stage (CI): the default warm start, 2 training steps, "
                              "a short CVAE stage and a small evaluation")
+    parser.add_argument("--study", action="store_true",
+                        help=f"train {STUDY_STEPS} steps per algorithm instead of 16: the run that shows RL learning "
+                             "beyond noise on the held-out split (README, \"Does it learn?\"; about twice as long)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing cached stages")
     return parser
 

@@ -44,6 +44,9 @@ class WarmStartConfig:
     intermediate_size: int = 384
     sft_problems: int = 6000  # distinct training problems (the demo's train split)
     steps: int = 800  # measured: greedy held-out accuracy ~19% after 500 steps, ~37% after 800 (of 1000)
+    # share of the supervised solutions whose last step is misread (data_prep.demo.misread_solution); README,
+    # "Does it learn?": what RL can learn in the demo's budget comes from this choice
+    misread_share: float = 0.0
     batch_size: int = 32
     lr: float = 3e-3
     warmup_steps: int = 30
@@ -116,6 +119,23 @@ def read_problem_rows(parquet: str | Path) -> list[dict]:
     return rows
 
 
+def sft_solutions(rows: Sequence[dict], misread_share: float, seed: int) -> list[str]:
+    """The supervised target of every row: its reference solution, or for a seeded ``misread_share`` of
+    the rows the misread one (``data_prep.demo.misread_solution``; same steps, last operator wrong)."""
+    from data_prep.demo import misread_solution, solution_steps
+
+    if not 0.0 <= misread_share < 1.0:
+        raise ValueError(f"misread_share must be in [0, 1), got {misread_share}")
+    rng = random.Random(f"misread-{seed}")
+    out = []
+    for row in rows:
+        if rng.random() < misread_share:
+            out.append(misread_solution(*solution_steps(row["solution"]))[0])
+        else:
+            out.append(row["solution"])
+    return out
+
+
 def encode_sft_example(tokenizer, messages: list[dict], solution: str) -> tuple[list[int], list[int]]:
     """(input ids, labels) of chat prompt + solution + <|im_end|>; prompt positions labelled -100."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -138,17 +158,18 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, labels, mask
 
 
-def training_threads() -> int:
-    """Threads for the supervised loop: the cores not already busy (1-minute load average).
+def training_threads(sample_s: float = 1.0) -> int:
+    """Threads for an in-process torch loop: the cores idle *now* (CPU use sampled over ``sample_s``).
 
-    Measured on 2 cores shared with other jobs (load ~10): 2 threads took 27 s per step, 1 thread
-    11 s (the second thread mostly waits for a core); on idle cores 2 threads are faster."""
+    Not the 1-minute load average: right after the set-up or a test run it is still high while the
+    cores are idle, and a fresh clone's warm start then ran on 1 thread of 2 idle cores (5.3 min
+    instead of 2.5). Measured on 2 cores shared with other jobs: 2 threads took 27 s per step and
+    1 thread 11 s (the second thread mostly waits for a core); on idle cores 2 threads are faster."""
+    import psutil
+
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, int(round(cores - busy))))
+    busy_cores = psutil.cpu_percent(interval=sample_s) / 100.0 * cores
+    return max(1, min(cores, int(round(cores - busy_cores))))
 
 
 def supervised_warm_start(model, tokenizer, rows: Sequence[dict], config: WarmStartConfig,
@@ -159,7 +180,8 @@ def supervised_warm_start(model, tokenizer, rows: Sequence[dict], config: WarmSt
     ``on_log(step)`` is called after each logged step (e.g. a held-out check while tuning sizes)."""
     import torch
 
-    examples = [encode_sft_example(tokenizer, r["messages"], r["solution"]) for r in rows]
+    solutions = sft_solutions(rows, config.misread_share, config.seed)
+    examples = [encode_sft_example(tokenizer, r["messages"], text) for r, text in zip(rows, solutions, strict=True)]
     rng = random.Random(config.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -235,10 +257,10 @@ def greedy_accuracy(model, tokenizer, rows: Sequence[dict], max_new_tokens: int 
     return {"accuracy": correct / max(1, len(rows)), "num_problems": len(rows), "samples": outputs}
 
 
-def build_warm_start(out_dir: str | Path, train_parquet: str | Path, heldout_parquet: str | Path,
-                     config: WarmStartConfig, heldout_limit: int = 100, log: Callable[[str], None] = print) -> dict:
+def build_warm_start(out_dir: str | Path, train_parquet: str | Path, validation_parquet: str | Path,
+                     config: WarmStartConfig, validation_limit: int = 100, log: Callable[[str], None] = print) -> dict:
     """Tokenizer + model + supervised phase, saved as an HF folder in ``out_dir``; returns the record
-    written to ``out_dir/warm_start.json`` (config, loss curve, held-out greedy accuracy, timing)."""
+    written to ``out_dir/warm_start.json`` (config, loss curve, validation greedy accuracy, timing)."""
     import torch
 
     out = Path(out_dir)
@@ -247,7 +269,7 @@ def build_warm_start(out_dir: str | Path, train_parquet: str | Path, heldout_par
     threads = training_threads()
     torch.set_num_threads(threads)
     train_rows = read_problem_rows(train_parquet)[: config.sft_problems]
-    heldout_rows = read_problem_rows(heldout_parquet)[:heldout_limit]
+    validation_rows = read_problem_rows(validation_parquet)[:validation_limit]
     started = time.perf_counter()
     tokenizer = build_demo_tokenizer(out, tokenizer_corpus(train_rows), vocab_size=config.vocab_size)
     model = build_demo_model(tokenizer, config)
@@ -257,12 +279,12 @@ def build_warm_start(out_dir: str | Path, train_parquet: str | Path, heldout_par
         f"{threads} CPU thread(s)")
     curve = supervised_warm_start(model, tokenizer, train_rows, config, log=log)
     sft_s = time.perf_counter() - started
-    evaluation = greedy_accuracy(model, tokenizer, heldout_rows)
+    evaluation = greedy_accuracy(model, tokenizer, validation_rows)
     model.save_pretrained(str(out), safe_serialization=True)
     generation_config = {"eos_token_id": model.config.eos_token_id, "pad_token_id": model.config.pad_token_id}
     (out / "generation_config.json").write_text(json.dumps(generation_config))
     record = {"config": asdict(config), "num_parameters": n_params, "threads": threads, "loss_curve": curve, "sft_seconds": sft_s,
-              "heldout_greedy_accuracy": evaluation["accuracy"], "heldout_problems": evaluation["num_problems"],
-              "heldout_examples": evaluation["samples"][:5]}
+              "validation_greedy_accuracy": evaluation["accuracy"], "validation_problems": evaluation["num_problems"],
+              "validation_examples": evaluation["samples"][:5]}
     (out / "warm_start.json").write_text(json.dumps(record, indent=1))
     return record

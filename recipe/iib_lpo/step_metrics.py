@@ -46,6 +46,18 @@ from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, RowRole
 PREFIX = "iib_lpo/"
 
 
+def zero_variance_group_share(rewards: Sequence[float], group_ids: Sequence[Any]) -> float:
+    """Share of groups (trajectories of one prompt, ``group_ids`` = verl's uid) whose rewards are all
+    equal: their group-normalised advantage is 0, so they carry no learning signal. Logged for every
+    algorithm as ``diagnostics/zero_variance_groups``."""
+    if len(rewards) != len(group_ids) or not len(rewards):
+        raise ValueError(f"zero_variance_group_share: {len(rewards)} rewards for {len(group_ids)} group ids")
+    groups: dict[Any, list[float]] = {}
+    for reward, gid in zip(rewards, group_ids):
+        groups.setdefault(gid, []).append(float(reward))
+    return sum(max(g) == min(g) for g in groups.values()) / len(groups)
+
+
 def _mean(values: Sequence[float]) -> float:
     vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return sum(vals) / len(vals) if vals else math.nan

@@ -120,6 +120,7 @@ class IibLpoTrainer(PPOTrainerSync):
     # -- the I2B-LPO step ---------------------------------------------------------------------
 
     def _compute_advantage(self, batch, metrics: dict):
+        metrics["diagnostics/zero_variance_groups"] = self._zero_variance_groups(batch)
         if not self._iib_enabled():
             return super()._compute_advantage(batch, metrics)
         start = time.perf_counter()
@@ -207,6 +208,15 @@ class IibLpoTrainer(PPOTrainerSync):
         return batch
 
     # -- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _zero_variance_groups(batch) -> float:
+        """``step_metrics.zero_variance_group_share`` of verl's rewards, grouped by prompt uid (all algorithms)."""
+        from recipe.iib_lpo.step_metrics import zero_variance_group_share
+
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["uid", "rm_scores"])
+        rewards = [float(r.sum()) for r in data["rm_scores"].unbind(0)]
+        return zero_variance_group_share(rewards, data.pop("uid").tolist())  # pop: the NonTensorStack, not its values
 
     @staticmethod
     def _grpo_token_advantages(rewards: torch.Tensor, roles: list[RowRole], eps: float) -> torch.Tensor:
