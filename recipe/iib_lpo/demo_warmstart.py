@@ -136,10 +136,25 @@ def sft_solutions(rows: Sequence[dict], misread_share: float, seed: int) -> list
     return out
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of the chat prompt with the generation prompt (transformers returns a list or a dict)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def left_pad(prompts: Sequence[list[int]], pad_id: int):
+    """(ids, attention mask) of ``prompts`` left-padded to one width, for ``model.generate``."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
 def encode_sft_example(tokenizer, messages: list[dict], solution: str) -> tuple[list[int], list[int]]:
     """(input ids, labels) of chat prompt + solution + <|im_end|>; prompt positions labelled -100."""
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    prompt = prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt
+    prompt = chat_prompt_ids(tokenizer, messages)
     response = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(IM_END)]
     return list(prompt) + response, [-100] * len(prompt) + response
 
@@ -240,13 +255,8 @@ def greedy_accuracy(model, tokenizer, rows: Sequence[dict], max_new_tokens: int 
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
-            prompts = []
-            for r in chunk:
-                p = tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=True)
-                prompts.append(list(p["input_ids"] if hasattr(p, "keys") else p))
-            width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+            ids, mask = left_pad([chat_prompt_ids(tokenizer, r["messages"]) for r in chunk], pad_id)
+            width = ids.shape[1]
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=eos_id, pad_token_id=pad_id)
             for r, seq in zip(chunk, out[:, width:].tolist()):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from recipe.iib_lpo.demo_warmstart import chat_prompt_ids, left_pad
+
 
 @dataclass(frozen=True)
 class ReferenceConfig:
@@ -106,22 +108,10 @@ def clipped_pg_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advant
 # ------------------------------------------------------------------------------ model glue
 
 
-def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def _left_pad(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
-
-
 def sample(model, prompts: Sequence[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int,
            eos_id: int, pad_id: int) -> list[list[int]]:
     """``n`` sampled responses per prompt (token ids up to and including EOS), prompt-major order."""
-    ids, mask = _left_pad(prompts, pad_id)
+    ids, mask = left_pad(prompts, pad_id)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
                              top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=n,
@@ -141,7 +131,7 @@ def response_log_probs(model, prompts: Sequence[list[int]], responses: Sequence[
     """log pi(response token | prefix) at ``temperature`` ([B, T], right-padded) and the response mask.
 
     Prompts are left-padded and responses right-padded in one sequence, position ids from the mask."""
-    p_ids, p_mask = _left_pad(prompts, pad_id)
+    p_ids, p_mask = left_pad(prompts, pad_id)
     width = max(1, max(len(r) for r in responses))
     r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
     r_mask = torch.zeros((len(responses), width), dtype=torch.long)
@@ -169,7 +159,7 @@ def sampled_accuracy(model, tokenizer, rows: Sequence[dict], n: int, temperature
     per_problem = []
     for i in range(0, len(rows), batch_prompts):
         chunk = rows[i : i + batch_prompts]
-        responses = sample(model, [_prompt_ids(tokenizer, r["messages"]) for r in chunk], n, temperature, top_p,
+        responses = sample(model, [chat_prompt_ids(tokenizer, r["messages"]) for r in chunk], n, temperature, top_p,
                            max_new_tokens, eos_id, pad_id)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         for j, row in enumerate(chunk):
@@ -211,7 +201,7 @@ def train(model, tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict]
             rng.shuffle(more)
             order += more
         batch = [train_rows[order.pop()] for _ in range(config.prompts_per_step)]
-        prompts = [_prompt_ids(tokenizer, r["messages"]) for r in batch]
+        prompts = [chat_prompt_ids(tokenizer, r["messages"]) for r in batch]
         model.eval()
         responses = sample(model, prompts, config.n, config.temperature, config.top_p, config.max_new_tokens,
                            eos_id, pad_id)
