@@ -14,7 +14,7 @@ aggregation (``clipped_pg_loss``, equal to verl's ``compute_policy_loss_vanilla`
 AdamW step with gradient clipping. Every ``eval_every`` steps: sampled P@1 on a validation split.
 
     python -m recipe.iib_lpo.reference_learner --model <hf dir> --train <parquet> --val <parquet> \\
-        --steps 40 --prompts-per-step 8 --n 8 --lr 1e-4 --out ref.json
+        --steps 40 --prompts-per-step 8 --n 8 --lr 1e-4 --out ref.json [--save-model ref_model]
 """
 
 from __future__ import annotations
@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("lr", "temperature", "top_p", "clip_low", "clip_high", "grad_clip", "weight_decay"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the idle cores)")
+    parser.add_argument("--save-model", default="", help="HF folder for the trained policy (to evaluate it with "
+                        "python -m recipe.iib_lpo.eval run, the same measurement as verl's checkpoints)")
     args = parser.parse_args(argv)
     config = ReferenceConfig(**{k: getattr(args, k) for k in ReferenceConfig.__dataclass_fields__ if hasattr(args, k)})
     torch.set_num_threads(args.threads or training_threads())
@@ -272,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         result["validation_gain"] = {"diff": gain, "se": se}
         print(f"validation P@1 {result['evals'][0]['p_at_1']:.1%} -> {result['evals'][-1]['p_at_1']:.1%}: "
               f"{gain:+.1%} (s.e. {se:.1%})")
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        tokenizer.save_pretrained(args.save_model)
+        result["model_path"] = str(Path(args.save_model).resolve())
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0
 
