@@ -79,3 +79,30 @@ def test_zero_variance_group_share_and_paired_gain():
         paired_gain([0.1], [0.2])
     with pytest.raises(ValueError):
         ReferenceConfig(steps=0)
+
+
+def test_cli_saves_the_trained_policy(tmp_path, tiny_qwen2_dir):
+    """``--save-model`` writes the policy *after* training: it loads, and it is not the input model."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recipe.iib_lpo.demo import prepare_demo_data
+    from recipe.iib_lpo.reference_learner import main
+
+    data = prepare_demo_data(tmp_path, num_problems=16, seed=0)
+    saved = tmp_path / "policy"
+    # the tiny random model never scores, so every group has zero variance and the policy loss is 0:
+    # weight decay makes the one AdamW step change the weights whatever the rewards were
+    assert main(["--model", str(tiny_qwen2_dir), "--train", str(data / "demo_train.parquet"),
+                 "--val", str(data / "demo_val.parquet"), "--steps", "1", "--prompts-per-step", "2", "--n", "2",
+                 "--max-new-tokens", "4", "--eval-every", "0", "--weight-decay", "0.5", "--lr", "1e-2",
+                 "--threads", "1", "--out", str(tmp_path / "ref.json"), "--save-model", str(saved)]) == 0
+    assert json.loads((tmp_path / "ref.json").read_text())["model_path"] == str(saved.resolve())
+    before = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float32).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).state_dict()
+    assert before.keys() == after.keys()
+    assert (saved / "tokenizer_config.json").exists()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "the saved policy equals the input model: it was saved before training or not at all"
