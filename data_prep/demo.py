@@ -174,6 +174,50 @@ def misread_solution(start: int, ops: list) -> tuple[str, int]:
     raise AssertionError(f"no misreading of {ops[-1]} at {value} changes the answer")  # operands are >= 1
 
 
+# What a sampled solution did, in the order ``classify_solution`` tests for it.
+SOLUTION_KINDS = ("right", "misread", "arithmetic_slip", "other")
+
+
+def classify_solution(text: str, start: int, ops: list) -> str:
+    """Which of ``SOLUTION_KINDS`` a sampled solution of the problem ``(start, ops)`` is:
+
+    - ``"arithmetic_slip"``: in ``solution_text``'s shape, and some step's stated result is not the result
+      of its own operands and operator (whatever else is wrong);
+    - ``"right"``: every step is the problem's (its operator and operand, continuing from the previous
+      result) with right arithmetic, and the boxed answer is the last result;
+    - ``"misread"``: as ``"right"`` except that the last step's operator is another one (what the misread
+      warm start learned half of the time, ``misread_solution``);
+    - ``"other"``: anything else (not in that shape, another number of steps, a wrong operand, a step that
+      does not continue from the previous result, a boxed answer that is not the last result).
+
+    Model output is untrusted text: it is only matched against a pattern, never evaluated."""
+    import re
+
+    lines = text.strip().split("\n")
+    steps = []
+    for line in lines[:-1]:
+        match = re.fullmatch(r"(\d{1,6}) ([-+*/]) (\d{1,6}) = (\d{1,7})\.", line)
+        if match is None:
+            return "other"
+        steps.append((int(match[1]), _SYMBOL_OPS[match[2]], int(match[3]), int(match[4])))
+    boxed = re.fullmatch(r"The answer is \\boxed\{(\d{1,7})\}\.", lines[-1])
+    if boxed is None or len(steps) != len(ops):
+        return "other"
+    for a, op, b, c in steps:
+        exact = op != "div" or (b != 0 and a % b == 0)
+        if not exact or _apply(a, op, b) != c:
+            return "arithmetic_slip"
+    value = start
+    for i, ((a, op, b, c), (right_op, operand)) in enumerate(zip(steps, ops)):
+        last = i == len(ops) - 1
+        if a != value or b != operand or (op != right_op and not last):
+            return "other"
+        value = c
+    if int(boxed[1]) != value:
+        return "other"
+    return "right" if steps[-1][1] == ops[-1][0] else "misread"
+
+
 def _apply(value: int, op: str, operand: int) -> int:
     if op == "add":
         return value + operand
@@ -188,19 +232,44 @@ def _apply(value: int, op: str, operand: int) -> int:
     raise AssertionError(f"unknown demo operation {op!r}")
 
 
-def make_demo_problems(n: int, seed: int = 0) -> list[dict]:
-    """``n`` problems, identical for the same ``(n, seed)``; the first k of n equal those of k."""
+# Draws of one template's numbers before ``max_value`` is declared unreachable; at the strictest
+# allowed bound (12) the worst of 2,000 problems per template needed 402 draws ("reading").
+MAX_DRAWS = 10_000
+
+
+def problem_values(start: int, ops: list) -> list[int]:
+    """Every number a problem's solution writes: the start, each operand and each intermediate result."""
+    values, value = [start], start
+    for op, operand in ops:
+        value = _apply(value, op, operand)
+        values += [operand, value]
+    return values
+
+
+def make_demo_problems(n: int, seed: int = 0, max_value: int | None = None) -> list[dict]:
+    """``n`` problems, identical for the same ``(n, seed, max_value)``; the first k of n equal those of k.
+
+    ``max_value`` bounds every number the solution writes (``problem_values``): each template's numbers
+    are redrawn until they fit, so the template mix stays uniform. ``None`` keeps the full ranges. A tiny
+    model learns arithmetic on small numbers from a few thousand examples, which is what the CPU demo
+    needs (README, "Does it learn?")."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if max_value is not None and max_value < 12:
+        raise ValueError(f"max_value must be >= 12 (every template's smallest problem fits), got {max_value}")
     rng = random.Random(seed)
     names = sorted(TEMPLATES)
     problems = []
     for i in range(n):
         template = rng.choice(names)
-        text, start, ops = TEMPLATES[template](rng)
-        value = start
-        for op, operand in ops:
-            value = _apply(value, op, operand)
+        for _ in range(MAX_DRAWS):
+            text, start, ops = TEMPLATES[template](rng)
+            if max_value is None or max(problem_values(start, ops)) <= max_value:
+                break
+        else:
+            raise AssertionError(f"demo template {template}: no problem within max_value={max_value} "
+                                 f"in {MAX_DRAWS} draws")
+        value = problem_values(start, ops)[-1]
         if value < 0:
             raise AssertionError(f"demo template {template} produced a negative answer {value}")
         problems.append(

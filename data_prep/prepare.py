@@ -167,8 +167,9 @@ def _read_records(
     if spec.name == "demo":
         from data_prep.demo import make_demo_problems
 
-        where = f"data_prep.demo(n={args.num_problems}, seed={args.seed})"
-        for item in make_demo_problems(args.num_problems, args.seed):
+        bound = "" if args.max_value is None else f", max_value={args.max_value}"
+        where = f"data_prep.demo(n={args.num_problems}, seed={args.seed}{bound})"
+        for item in make_demo_problems(args.num_problems, args.seed, args.max_value):
             index = counts.rows_in
             counts.rows_in += 1
             keep(
@@ -504,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split and of the demo generator")
     p.add_argument("--num-problems", type=int, default=1024, help="demo only: problems to generate (default 1024)")
+    p.add_argument("--max-value", type=int, default=None,
+                   help="demo only: bound on every number a solution writes (default: none, the full ranges)")
     p.add_argument(
         "--hub-config", action="append", help="hub only: dataset config(s) (default: the dataset's usual ones)"
     )

@@ -47,6 +47,37 @@ def test_demo_answers_are_correct_integers():
     assert len({p["question"] for p in problems}) > 390  # few accidental duplicates
 
 
+def test_max_value_bounds_every_number_the_solution_writes():
+    problems = make_demo_problems(700, seed=7, max_value=20)
+    for p in problems:
+        # recomputed with the checker's own arithmetic: the start, each operand and each result
+        values, value = [p["start"]], p["start"]
+        for op, operand in p["ops"]:
+            value = CHECK_OPS[op](value, operand)
+            values += [operand, value]
+        assert max(values) <= 20 and float(value).is_integer() and value >= 0, p
+        assert p["answer"] == str(int(value))
+        assert all(int(n) <= 20 for n in re.findall(r"\d+", p["solution"])), p
+    # every template still drawn about equally often (1/7 of 700 = 100 each)
+    templates = Counter(p["template"] for p in problems)
+    assert len(templates) == 7 and min(templates.values()) > 60, templates
+    # without the bound some problems go well beyond it (what the bound changes)
+    assert max(max(int(n) for n in re.findall(r"\d+", p["solution"])) for p in make_demo_problems(700, seed=7)) > 60
+    assert make_demo_problems(50, seed=7, max_value=None) == make_demo_problems(50, seed=7)
+    assert make_demo_problems(30, seed=7, max_value=20) == problems[:30]
+    with pytest.raises(ValueError, match="max_value"):
+        make_demo_problems(5, max_value=11)
+
+
+def test_demo_dataset_cli_max_value(tmp_path):
+    assert main(["--dataset", "demo", "--num-problems", "60", "--seed", "5", "--val-size", "8", "--max-value", "15",
+                 "--out", str(tmp_path)]) == 0
+    rows = pq.read_table(tmp_path / "demo_train.parquet").to_pylist() + pq.read_table(tmp_path / "demo_val.parquet").to_pylist()
+    expected = {p["question"]: p["answer"] for p in make_demo_problems(60, seed=5, max_value=15)}
+    assert {r["extra_info"]["question"]: r["reward_model"]["ground_truth"] for r in rows} == expected
+    assert all(int(n) <= 15 for r in rows for n in re.findall(r"\d+", r["extra_info"]["solution"]))
+
+
 def test_demo_dataset_cli(tmp_path):
     assert (
         main(["--dataset", "demo", "--num-problems", "40", "--seed", "5", "--val-size", "8", "--out", str(tmp_path)])
@@ -174,3 +205,30 @@ def test_warm_start_misreads_the_configured_share():
     assert mixed == sft_solutions(rows, 0.5, seed=0) and mixed != sft_solutions(rows, 0.5, seed=1)
     with pytest.raises(ValueError):
         sft_solutions(rows, 1.0, seed=0)
+
+
+def test_classify_solution_known_cases():
+    from data_prep.demo import classify_solution, misread_solution
+
+    ops = [["add", 4], ["mul", 2], ["sub", 1]]  # 5 + 4 = 9, 9 * 2 = 18, 18 - 1 = 17
+    cases = {
+        "5 + 4 = 9.\n9 * 2 = 18.\n18 - 1 = 17.\nThe answer is \\boxed{17}.": "right",
+        "5 + 4 = 9.\n9 * 2 = 18.\n18 + 1 = 19.\nThe answer is \\boxed{19}.": "misread",
+        "5 + 4 = 9.\n9 * 2 = 18.\n18 - 1 = 18.\nThe answer is \\boxed{18}.": "arithmetic_slip",  # last step
+        "5 + 4 = 9.\n9 * 2 = 19.\n19 - 1 = 18.\nThe answer is \\boxed{18}.": "arithmetic_slip",  # earlier step
+        "5 + 4 = 9.\n9 + 2 = 11.\n11 - 1 = 10.\nThe answer is \\boxed{10}.": "other",  # a middle step misread
+        "5 + 4 = 9.\n9 * 3 = 27.\n27 - 1 = 26.\nThe answer is \\boxed{26}.": "other",  # wrong operand
+        "5 + 4 = 9.\n8 * 2 = 16.\n16 - 1 = 15.\nThe answer is \\boxed{15}.": "other",  # does not continue
+        "5 + 4 = 9.\n9 * 2 = 18.\n18 - 1 = 17.\nThe answer is \\boxed{18}.": "other",  # boxed is not the result
+        "5 + 4 = 9.\n9 * 2 = 18.\nThe answer is \\boxed{18}.": "other",  # a step missing
+        "5 + 4 = 9.\n9 * 2 = 18.\n18 - 1 = 17.": "other",  # no boxed answer
+        "__import__('os').system('true')": "other",  # untrusted text is matched, never run
+        "": "other",
+    }
+    for text, kind in cases.items():
+        assert classify_solution(text, 5, ops) == kind, text
+    assert classify_solution("6 / 4 = 1.\n1 + 1 = 2.\nThe answer is \\boxed{2}.", 6, [["div", 4], ["add", 1]]) \
+        == "arithmetic_slip"  # an inexact division is a slip, not floor division
+    for p in make_demo_problems(200, seed=9, max_value=20):
+        assert classify_solution(p["solution"], p["start"], p["ops"]) == "right"
+        assert classify_solution(misread_solution(p["start"], p["ops"])[0], p["start"], p["ops"]) == "misread"

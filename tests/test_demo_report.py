@@ -15,6 +15,7 @@ from recipe.iib_lpo.demo_report import (
     diagnostic_stats,
     outputs_changed,
     smooth,
+    solution_kind_shares,
     validation_series,
     verdict,
     write_plots,
@@ -170,7 +171,7 @@ def test_build_summary_shape_and_paired_differences():
     paths = {"warm_start": Path("/w"), "grpo": "/g", "iib_lpo": "/i", "warm_start_repeat": "/w"}
     validation = {"grpo": {"steps": [2], "p_at_1": [0.5]}}
     s = build_summary(_Plan(), results, paths, validation)
-    assert set(s) == {"heldout", "paired", "models", "settings", "validation"}
+    assert set(s) == {"heldout", "paired", "models", "settings", "validation", "solution_kinds"}
     assert set(s["heldout"]) == {"warm_start", "grpo", "iib_lpo"}  # the control is left out
     assert set(s["paired"]) == {"grpo_minus_warm_start", "iib_lpo_minus_warm_start", "iib_lpo_minus_grpo"}
     assert s["models"] == {"warm_start": {"path": "/w"}, "grpo": {"path": "/g"}, "iib_lpo": {"path": "/i"}}
@@ -287,3 +288,33 @@ def test_write_report_sections_and_summary(tmp_path):
     assert s["models"] == {"grpo": {"path": str(tmp_path / "g")}, "iib_lpo": {"path": "/i"}}
     assert s["validation"]["grpo"] == {"steps": [0, 3, 6], "p_at_1": pytest.approx([0.2, 0.26, 0.32])}
     assert {p.name for p in result["plots"]} >= {"reward_accuracy.png", "diagnostics.png", "final_eval.png"}
+
+
+# (start, ops) = 5 + 4 = 9, 9 * 2 = 18, 18 - 1 = 17
+KIND_PROBLEMS = {"p0": (5, [["add", 4], ["mul", 2], ["sub", 1]]), "p1": (2, [["div", 2], ["add", 1]])}
+RIGHT0 = "5 + 4 = 9.\n9 * 2 = 18.\n18 - 1 = 17.\nThe answer is \\boxed{17}."
+MISREAD0 = "5 + 4 = 9.\n9 * 2 = 18.\n18 + 1 = 19.\nThe answer is \\boxed{19}."
+SLIP1 = "2 / 2 = 1.\n1 + 1 = 3.\nThe answer is \\boxed{3}."
+RIGHT1 = "2 / 2 = 1.\n1 + 1 = 2.\nThe answer is \\boxed{2}."
+
+
+def test_solution_kind_shares_counts_every_sample():
+    records = [{"problem_id": "p0", "samples": [RIGHT0, MISREAD0, MISREAD0, "garbage"]},
+               {"problem_id": "p1", "samples": [SLIP1, RIGHT1, RIGHT1, RIGHT1]}]
+    shares = solution_kind_shares(records, KIND_PROBLEMS)
+    # 8 samples: right 4, misread 2, slip 1, other 1 -- each against its own problem (RIGHT1 under p0 would be other)
+    assert shares == {"right": 0.5, "misread": 0.25, "arithmetic_slip": 0.125, "other": 0.125, "samples": 8}
+    with pytest.raises(ValueError, match="p9"):
+        solution_kind_shares([{"problem_id": "p9", "samples": [RIGHT0]}], KIND_PROBLEMS)
+    with pytest.raises(ValueError, match="no samples"):
+        solution_kind_shares([], KIND_PROBLEMS)
+
+
+def test_solution_kinds_plot_and_summary(tmp_path):
+    kinds = {"warm_start": {"right": 0.3, "misread": 0.35, "arithmetic_slip": 0.3, "other": 0.05, "samples": 80},
+             "grpo": {"right": 0.5, "misread": 0.15, "arithmetic_slip": 0.3, "other": 0.05, "samples": 80}}
+    written = write_plots({"grpo": [{"step": 1, "critic/score/mean": 0.5}]}, {}, tmp_path, kinds)
+    assert "solution_kinds.png" in {p.name for p in written}
+    _assert_png(tmp_path / "solution_kinds.png")
+    summary = build_summary(_Plan(), {"warm_start": _eval_result(WARM)}, {}, None, kinds)
+    assert summary["solution_kinds"] == kinds

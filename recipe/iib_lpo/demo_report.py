@@ -156,14 +156,16 @@ def diagnostic_sentence(label: str, stats: dict[str, dict]) -> str:
     return f"{label}: " + "; ".join(parts) + "."
 
 
-def write_plots(runs: dict[str, list[dict]], eval_results: dict[str, dict], plots_dir: Path) -> list[Path]:
+def write_plots(runs: dict[str, list[dict]], eval_results: dict[str, dict], plots_dir: Path,
+                solution_kinds: dict[str, dict] | None = None) -> list[Path]:
     """One PNG per view under ``plots_dir``; returns the paths written.
 
     ``runs``: algorithm -> verl's per-step metric rows (flat dicts with "step"; a validation-only
     row is allowed); ``eval_results``: model -> {"metrics", "records"} of the eval CLI (may be
     empty). Always written: reward_accuracy.png, diagnostics.png, entropy.png,
     response_length.png, step_time.png; with an ``iib_lpo`` run fork_keep_rates.png and
-    ib_scores.png; with eval results final_eval.png. Metrics that were not logged are skipped."""
+    ib_scores.png; with eval results final_eval.png; with ``solution_kinds`` (model ->
+    ``solution_kind_shares``) solution_kinds.png. Metrics that were not logged are skipped."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,6 +287,28 @@ def write_plots(runs: dict[str, list[dict]], eval_results: dict[str, dict], plot
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         save(fig, "final_eval.png")
+
+    if solution_kinds:
+        from data_prep.demo import SOLUTION_KINDS
+
+        kind_colors = {"right": "tab:green", "misread": "tab:orange", "arithmetic_slip": "tab:red", "other": "tab:gray"}
+        names = list(solution_kinds)
+        fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.6))
+        left = [0.0] * len(names)
+        for kind in SOLUTION_KINDS:
+            shares = [solution_kinds[name][kind] for name in names]
+            bars = ax.barh([LABELS.get(n, n) for n in names], shares, left=left, color=kind_colors[kind],
+                           label=kind.replace("_", " "))
+            for bar, share in zip(bars, shares):
+                if share >= 0.06:
+                    ax.annotate(f"{share:.0%}", (bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height() / 2),
+                                ha="center", va="center", fontsize=8, color="white")
+            left = [a + b for a, b in zip(left, shares)]
+        ax.set_xlim(0, 1)
+        ax.invert_yaxis()
+        ax.set_title("held-out samples: right, last step misread, arithmetic slip, other")
+        ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+        save(fig, "solution_kinds.png")
     return written
 
 
@@ -298,6 +322,36 @@ def _paired_diff(a: list[dict], b: list[dict]) -> tuple[float, float]:
     by_id = {r["problem_id"]: sum(r["correct"]) / len(r["correct"]) for r in b}
     diffs = [sum(r["correct"]) / len(r["correct"]) - by_id[r["problem_id"]] for r in a if r["problem_id"] in by_id]
     return mean_and_stderr(diffs)
+
+
+def heldout_problem_steps(parquet_path: Path) -> dict[str, tuple[int, list]]:
+    """problem id (the eval records' ``problem_id``: ``extra_info.index``) -> (start, ops) of every row of
+    a demo parquet, recovered from its reference solution (``data_prep.demo.solution_steps``)."""
+    import pyarrow.parquet as pq
+
+    from data_prep.demo import solution_steps
+
+    rows = pq.read_table(parquet_path, columns=["extra_info"]).column("extra_info").to_pylist()
+    return {str(r["index"]): solution_steps(r["solution"]) for r in rows}
+
+
+def solution_kind_shares(records: list[dict], problems: dict[str, tuple[int, list]]) -> dict:
+    """Share of every ``data_prep.demo.SOLUTION_KINDS`` among all samples of the eval ``records``
+    (``classify_solution`` against the problem's (start, ops) in ``problems``), plus "samples": their
+    number. A record whose problem is not in ``problems`` is an error (another split was evaluated)."""
+    from data_prep.demo import SOLUTION_KINDS, classify_solution
+
+    counts = dict.fromkeys(SOLUTION_KINDS, 0)
+    for record in records:
+        if record["problem_id"] not in problems:
+            raise ValueError(f"eval record of problem {record['problem_id']!r} has no demo solution to compare with")
+        start, ops = problems[record["problem_id"]]
+        for text in record["samples"]:
+            counts[classify_solution(text, start, ops)] += 1
+    total = sum(counts.values())
+    if total == 0:
+        raise ValueError("no samples to classify")
+    return {**{k: v / total for k, v in counts.items()}, "samples": total}
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -365,7 +419,7 @@ OPTIONAL_SETTINGS = ("lr_warmup_steps", "rollout_temperature", "test_freq", "val
 
 
 def build_summary(plan, eval_results: dict[str, dict], model_paths: dict[str, str],
-                  validation: dict | None = None) -> dict:
+                  validation: dict | None = None, solution_kinds: dict | None = None) -> dict:
     """The demo's machine-readable result (fractions, not percent), without the control
     ``warm_start_repeat``::
 
@@ -373,7 +427,8 @@ def build_summary(plan, eval_results: dict[str, dict], model_paths: dict[str, st
          "paired": {"<a>_minus_<b>": {"diff", "se", "num_problems"}},
          "models": {model: {"path"}},
          "settings": {...},
-         "validation": validation}
+         "validation": validation,
+         "solution_kinds": solution_kinds}
 
     ``heldout`` per evaluated model: P@1 and P@k (k = the eval's n) of the eval summary, the
     standard error of P@1 over problems, the number of problems. ``paired``: for every pair of
@@ -381,7 +436,8 @@ def build_summary(plan, eval_results: dict[str, dict], model_paths: dict[str, st
     standard error and that number of problems. A standard error (or a difference) that is
     undefined (fewer than 2 problems) is None. ``models``: ``model_paths`` as strings.
     ``settings``: ``REQUIRED_SETTINGS`` read from ``plan`` (None where it lacks one) and those of
-    ``OPTIONAL_SETTINGS`` it has. ``validation`` is passed through unchanged (may be None)."""
+    ``OPTIONAL_SETTINGS`` it has. ``validation`` and ``solution_kinds`` (model -> ``solution_kind_shares``)
+    are passed through unchanged (may be None)."""
     heldout = {}
     for name, result in eval_results.items():
         if name in CONTROL_MODELS:
@@ -404,6 +460,7 @@ def build_summary(plan, eval_results: dict[str, dict], model_paths: dict[str, st
         "models": {name: {"path": str(path)} for name, path in model_paths.items() if name not in CONTROL_MODELS},
         "settings": settings,
         "validation": validation,
+        "solution_kinds": solution_kinds,
     }
 
 
@@ -422,10 +479,15 @@ def write_report(plan, out: Path, ctx: dict, timings: dict) -> dict:
     runs = {algo: _training_rows(rows) for algo, rows in all_rows.items()}
     probes = {algo: CpuRun(0, ctx[algo]["run"].out_dir).weight_fingerprints() for algo in plan.algos}
     eval_results = ctx["eval"]["results"]
-    plots = write_plots(all_rows, eval_results, out / "plots")
+    kinds = None
+    if ctx.get("data", {}).get("heldout") is not None:
+        problems = heldout_problem_steps(ctx["data"]["heldout"])
+        kinds = {name: solution_kind_shares(r["records"], problems) for name, r in eval_results.items()
+                 if name not in CONTROL_MODELS}
+    plots = write_plots(all_rows, eval_results, out / "plots", kinds)
     val = {algo: validation_series(rows) for algo, rows in all_rows.items()}
     validation = {algo: {"steps": xs, "p_at_1": ys} for algo, (xs, ys) in val.items() if xs} or None
-    summary = build_summary(plan, eval_results, dict(ctx.get("eval_models") or {}), validation)
+    summary = build_summary(plan, eval_results, dict(ctx.get("eval_models") or {}), validation, kinds)
     text = verdict(eval_results)
     warm = ctx["warm"]["record"]
     w = warm["config"]
@@ -484,6 +546,15 @@ def write_report(plan, out: Path, ctx: dict, timings: dict) -> dict:
             diff = "-" if d["diff"] is None else f"{d['diff']:+.1%}"
             lines.append(f"| {LABELS.get(a, a)} - {LABELS.get(b, b)} | {diff} | {_fmt(d['se'], True)} | "
                          f"{d['num_problems']} |")
+    if kinds:
+        lines += ["", "## What the held-out samples did", "",
+                  "Every sample against its problem's steps (`data_prep.demo.classify_solution`): right; the last "
+                  "step's operator misread (the warm start's taught mistake, which RL should remove); an arithmetic "
+                  "slip in some step; anything else.", "",
+                  "| model | right | misread | arithmetic slip | other | samples |", "|---|---|---|---|---|---|"]
+        for name, k in kinds.items():
+            lines.append(f"| {LABELS.get(name, name)} | {k['right']:.1%} | {k['misread']:.1%} | "
+                         f"{k['arithmetic_slip']:.1%} | {k['other']:.1%} | {k['samples']} |")
     lines += ["", f"The eval CLI's own tables and plots: `{ctx['eval']['results_md']}`, `{ctx['eval']['dir'] / 'plots'}`.", ""]
     if "warm_start" in eval_results:
         lines += ["Did the trained weights change what the engine generates? Same prompts, same seeds:", ""]
