@@ -16,6 +16,7 @@ CPU demo warm-starts its tiny model on it, and the CVAE stage trains on its step
 from __future__ import annotations
 
 import random
+import re
 
 NAMES = ["Ava", "Ben", "Cara", "Dan", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kim", "Leo", "Mia"]
 ITEMS = ["apples", "pencils", "marbles", "stickers", "cards", "shells", "coins", "books"]
@@ -128,18 +129,19 @@ def solution_text(start: int, ops: list, answer: int) -> str:
 
 
 _SYMBOL_OPS = {v: k for k, v in OP_SYMBOLS.items()}
+# one line of ``solution_text``: "a op b = c." steps, then the boxed answer (numbers of at most 9 digits,
+# so that untrusted model output can never make int() fail)
+_STEP_LINE = re.compile(r"(\d{1,9}) ([-+*/]) (\d{1,9}) = (\d{1,9})\.")
+_BOXED_LINE = re.compile(r"The answer is \\boxed\{(\d{1,9})\}\.")
 
 
 def solution_steps(solution: str) -> tuple[int, list]:
     """(start, ops) of a ``solution_text`` string: the inverse of ``solution_text``, which precise errors
     for text in any other shape (e.g. a solution from another dataset)."""
-    import re
-
     lines = solution.strip().split("\n")
-    pattern = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)\.$")
     start, ops, value = None, [], None
     for line in lines[:-1]:
-        match = pattern.match(line)
+        match = _STEP_LINE.fullmatch(line)
         if match is None:
             raise ValueError(f"not a demo solution step: {line!r}")
         a, symbol, b, c = int(match[1]), match[2], int(match[3]), int(match[4])
@@ -148,7 +150,7 @@ def solution_steps(solution: str) -> tuple[int, list]:
         start = a if start is None else start
         ops.append([_SYMBOL_OPS[symbol], b])
         value = c
-    if start is None or not re.fullmatch(r"The answer is \\boxed\{\d+\}\.", lines[-1]):
+    if start is None or not _BOXED_LINE.fullmatch(lines[-1]):
         raise ValueError(f"not a demo solution: {solution!r}")
     return start, ops
 
@@ -174,7 +176,7 @@ def misread_solution(start: int, ops: list) -> tuple[str, int]:
     raise AssertionError(f"no misreading of {ops[-1]} at {value} changes the answer")  # operands are >= 1
 
 
-# What a sampled solution did, in the order ``classify_solution`` tests for it.
+# What a sampled solution did: the kinds ``classify_solution`` returns.
 SOLUTION_KINDS = ("right", "misread", "arithmetic_slip", "other")
 
 
@@ -191,16 +193,14 @@ def classify_solution(text: str, start: int, ops: list) -> str:
       does not continue from the previous result, a boxed answer that is not the last result).
 
     Model output is untrusted text: it is only matched against a pattern, never evaluated."""
-    import re
-
     lines = text.strip().split("\n")
     steps = []
     for line in lines[:-1]:
-        match = re.fullmatch(r"(\d{1,6}) ([-+*/]) (\d{1,6}) = (\d{1,7})\.", line)
+        match = _STEP_LINE.fullmatch(line)
         if match is None:
             return "other"
         steps.append((int(match[1]), _SYMBOL_OPS[match[2]], int(match[3]), int(match[4])))
-    boxed = re.fullmatch(r"The answer is \\boxed\{(\d{1,7})\}\.", lines[-1])
+    boxed = _BOXED_LINE.fullmatch(lines[-1])
     if boxed is None or len(steps) != len(ops):
         return "other"
     for a, op, b, c in steps:
@@ -264,12 +264,13 @@ def make_demo_problems(n: int, seed: int = 0, max_value: int | None = None) -> l
         template = rng.choice(names)
         for _ in range(MAX_DRAWS):
             text, start, ops = TEMPLATES[template](rng)
-            if max_value is None or max(problem_values(start, ops)) <= max_value:
+            values = problem_values(start, ops)
+            if max_value is None or max(values) <= max_value:
                 break
         else:
             raise AssertionError(f"demo template {template}: no problem within max_value={max_value} "
                                  f"in {MAX_DRAWS} draws")
-        value = problem_values(start, ops)[-1]
+        value = values[-1]
         if value < 0:
             raise AssertionError(f"demo template {template} produced a negative answer {value}")
         problems.append(
