@@ -35,7 +35,7 @@ from typing import Any
 
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 
-from recipe.iib_lpo.agent_loop import BranchingAgentLoop
+from recipe.iib_lpo.rollout.agent_loop import BranchingAgentLoop
 
 
 def bench_agent_loop_config_path() -> str:

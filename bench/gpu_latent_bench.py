@@ -4,8 +4,8 @@
     python bench/gpu_latent_bench.py --tiny --out /tmp/gpu_tiny.json       # the same code, tiny shapes, CPU
 
 Needs no vLLM, Ray, verl, download or data: every model is built from a config with random
-weights (seeded). Imports from this repository only ``recipe.iib_lpo.latent_reference``,
-``recipe.iib_lpo.cvae`` and ``recipe.iib_lpo.text_encoder.mean_pool`` (torch-only modules).
+weights (seeded). Imports from this repository only ``recipe.iib_lpo.latent.reference``,
+``recipe.iib_lpo.latent.cvae`` and ``recipe.iib_lpo.latent.text_encoder.mean_pool`` (torch-only modules).
 
 Sections (each writes its figures and its peak memory into one JSON; ``--sections`` picks some):
 
@@ -126,7 +126,7 @@ def build_policy(tiny: bool, device: torch.device, seed: int):
 
 
 def build_projector(hidden: int, seed: int, device: torch.device):
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE
 
     torch.manual_seed(seed)
     cvae = LatentCVAE(CVAEConfig(policy_hidden_size=hidden, projector_init_std=0.5 if hidden <= 256 else 0.05))
@@ -162,7 +162,7 @@ class ForwardCounter:
 
 def section_precision(policy_fp32, device, args) -> tuple[dict, object]:
     """bf16 vs fp32 log-probs of latent branches (module docstring, 1). Returns (figures, bf16 model)."""
-    from recipe.iib_lpo.latent_reference import (continuation_logits, generate_with_latent,
+    from recipe.iib_lpo.latent.reference import (continuation_logits, generate_with_latent,
                                                  latent_token_embedding, score_continuation)
 
     out: dict = {}
@@ -221,7 +221,7 @@ def _kl(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
 
 def section_generation(policy, device, args) -> dict:
     """Decoding throughput with / without the latent token, and the forward work each runs."""
-    from recipe.iib_lpo.latent_reference import generate_with_latents_batched, latent_token_embedding
+    from recipe.iib_lpo.latent.reference import generate_with_latents_batched, latent_token_embedding
 
     out: dict = {"rows": {}}
     hidden = policy.config.hidden_size
@@ -263,9 +263,9 @@ def section_encoder(device, args) -> dict:
     """Encoder + prior + P throughput at the latent service's batch sizes (module docstring, 3)."""
     from transformers import AutoModel, DebertaV2Config
 
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE
-    from recipe.iib_lpo.latent_reference import latent_token_embedding
-    from recipe.iib_lpo.text_encoder import mean_pool
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE
+    from recipe.iib_lpo.latent.reference import latent_token_embedding
+    from recipe.iib_lpo.latent.text_encoder import mean_pool
 
     out: dict = {"rows": []}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

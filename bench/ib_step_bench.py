@@ -52,8 +52,8 @@ def synthetic_text(rng: random.Random, words: int) -> str:
 def build_batch(prompts: int, words: int, m: int = 2, k: int = 3, max_tokens: int = 4096, seed: int = 0):
     import torch
 
-    from recipe.iib_lpo.ib import IBInputs
-    from recipe.iib_lpo.ib_step import row_role
+    from recipe.iib_lpo.algorithm.ib import IBInputs
+    from recipe.iib_lpo.algorithm.ib_step import row_role
 
     rng = random.Random(seed)
     inputs, roles, extras, prompt_lengths = [], [], [], []
@@ -94,9 +94,9 @@ def measure(prompts: int, words: int, repeats: int, tokenizer: str | None = None
 
     import torch
 
-    from recipe.iib_lpo.ib import IBConfig, text_stats
-    from recipe.iib_lpo.ib_step import iib_lpo_step
-    from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
+    from recipe.iib_lpo.algorithm.ib import IBConfig, text_stats
+    from recipe.iib_lpo.algorithm.ib_step import iib_lpo_step
+    from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics
 
     inputs, roles, extras, prompt_lengths, mask = build_batch(prompts, words)
     rewards = torch.tensor([t.reward for t in inputs], dtype=torch.float64)

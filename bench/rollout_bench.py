@@ -148,10 +148,10 @@ def prepare_artifacts(root: Path, num_prompts: int, seed: int = 0) -> dict:
     import pandas as pd
     import torch
 
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
-    from recipe.iib_lpo.demo import prepare_demo_data
-    from recipe.iib_lpo.text_encoder import build_tiny_encoder_dir
-    from recipe.iib_lpo.tiny_models import build_tiny_model_dir, latent_placeholder_token_id
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
+    from recipe.iib_lpo.demo.data import prepare_demo_data
+    from recipe.iib_lpo.latent.text_encoder import build_tiny_encoder_dir
+    from recipe.iib_lpo.demo.tiny_models import build_tiny_model_dir, latent_placeholder_token_id
 
     root.mkdir(parents=True, exist_ok=True)
     model_dir = root / "model"
@@ -303,7 +303,7 @@ def _cpu_delta(before: dict, after: dict) -> dict:
 def _latent_stats() -> dict | None:
     import ray
 
-    from recipe.iib_lpo.latent_service import latent_service_actor_name
+    from recipe.iib_lpo.latent.service import latent_service_actor_name
 
     try:
         actor = ray.get_actor(latent_service_actor_name())
@@ -468,10 +468,10 @@ def time_ib_step(trajectories: list[dict], tokenizer, response_length: int, repe
     """
     import torch
 
-    from recipe.iib_lpo.ib import IBConfig, IBInputs, TextStats, text_stats
-    from recipe.iib_lpo.ib_step import iib_lpo_step, row_role
-    from recipe.iib_lpo.reward import compute_score
-    from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
+    from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, TextStats, text_stats
+    from recipe.iib_lpo.algorithm.ib_step import iib_lpo_step, row_role
+    from recipe.iib_lpo.reward.score import compute_score
+    from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics
 
     ib_config, lambda_ib, eps = IBConfig(), 0.5, 1e-6
     responses = [t["response_ids"] for t in trajectories]

@@ -3,7 +3,7 @@
     python -m bench.trainer_breakdown --out outputs/bench/trainer [--steps 3] [--timeout-s 1500]
 
 Runs ``python -m recipe.iib_lpo.main +profile=cpu`` once per algorithm (the command
-``recipe.iib_lpo.cpu_run`` builds, same tiny random Qwen2, demo data, M=2 / K=3 = 8 trajectories
+``recipe.iib_lpo.trainer.cpu_run`` builds, same tiny random Qwen2, demo data, M=2 / K=3 = 8 trajectories
 per prompt for both, seed 0, the parity reward of tests/test_trainer_cpu.py so rewards vary) and
 summarises verl's ``timing_s/*`` (and the recipe's ``timing_s/iib_lpo_ib_filter_adv``) from each
 run's ``metrics.jsonl`` into ``breakdown.json``.
@@ -35,10 +35,10 @@ def prepare_trainer_artifacts(root: Path, seed: int = 0) -> dict:
     """Tiny Qwen2, demo data (48 problems) and a random CVAE (prefix scheme), as tests/test_trainer_cpu.py."""
     import torch
 
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
-    from recipe.iib_lpo.demo import prepare_demo_data
-    from recipe.iib_lpo.text_encoder import build_tiny_encoder_dir
-    from recipe.iib_lpo.tiny_models import build_tiny_model_dir, latent_placeholder_token_id
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
+    from recipe.iib_lpo.demo.data import prepare_demo_data
+    from recipe.iib_lpo.latent.text_encoder import build_tiny_encoder_dir
+    from recipe.iib_lpo.demo.tiny_models import build_tiny_model_dir, latent_placeholder_token_id
 
     root.mkdir(parents=True, exist_ok=True)
     model_dir = build_tiny_model_dir(root / "model", family="qwen2", seed=seed)
@@ -105,7 +105,7 @@ def _pids_naming(text: str) -> list[int]:
 def run_trainer(artifacts: dict, algorithm: str, out_dir: Path, steps: int, timeout_s: float,
                 extra_overrides: list[str] | None = None) -> dict:
     """One CPU training run; returns {"returncode", "timed_out", "wall_s", "metrics": [per-step dicts]}."""
-    from recipe.iib_lpo.cpu_run import CPU_ENV, CpuRun, CpuRunSpec
+    from recipe.iib_lpo.trainer.cpu_run import CPU_ENV, CpuRun, CpuRunSpec
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ray_temp_dir = Path(f"/tmp/rbt_{algorithm}_{os.getpid()}")

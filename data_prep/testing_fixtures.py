@@ -230,11 +230,11 @@ def write_hendrycks_tree(directory: str | Path) -> Path:
 def build_test_tokenizer_dir(out_dir: str | Path) -> Path:
     """A local tokenizer directory with the project's tiny Qwen-style (ChatML) chat template.
 
-    Only the tokenizer of ``recipe.iib_lpo.tiny_models`` is written (``build_tiny_tokenizer``,
+    Only the tokenizer of ``recipe.iib_lpo.demo.tiny_models`` is written (``build_tiny_tokenizer``,
     the one ``build_tiny_model_dir`` saves next to its weights): building the random model too
     would cost seconds that the data tests do not need.
     """
-    from recipe.iib_lpo.tiny_models import build_tiny_tokenizer
+    from recipe.iib_lpo.demo.tiny_models import build_tiny_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

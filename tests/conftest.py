@@ -1,5 +1,5 @@
 """Shared fixtures. tests/ is not a package (verl's wheel owns a top-level `tests`), so shared
-test helpers live in package modules (e.g. recipe.iib_lpo.tiny_models) and fixtures live here."""
+test helpers live in package modules (e.g. recipe.iib_lpo.demo.tiny_models) and fixtures live here."""
 
 import os
 
@@ -16,7 +16,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory):
     """A tiny random Qwen2 checkpoint + tokenizer on disk (built once per test session)."""
-    from recipe.iib_lpo.tiny_models import build_tiny_model_dir
+    from recipe.iib_lpo.demo.tiny_models import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen2"), family="qwen2", seed=0)
 
@@ -24,7 +24,7 @@ def tiny_qwen2_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory):
     """A tiny random Qwen3 checkpoint + tokenizer on disk (built once per test session)."""
-    from recipe.iib_lpo.tiny_models import build_tiny_model_dir
+    from recipe.iib_lpo.demo.tiny_models import build_tiny_model_dir
 
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_qwen3"), family="qwen3", seed=0)
 

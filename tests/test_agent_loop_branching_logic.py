@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from recipe.iib_lpo import agent_loop as al
-from recipe.iib_lpo.branching import BranchingConfig, choose_fork_position
-from recipe.iib_lpo.entropy import estimate_entropy_from_topk
-from recipe.iib_lpo.ib import TextStats, text_stats
-from recipe.iib_lpo.latent_sampler import LatentSamples
+from recipe.iib_lpo.rollout import agent_loop as al
+from recipe.iib_lpo.algorithm.branching import BranchingConfig, choose_fork_position
+from recipe.iib_lpo.algorithm.entropy import estimate_entropy_from_topk
+from recipe.iib_lpo.algorithm.ib import TextStats, text_stats
+from recipe.iib_lpo.latent.sampler import LatentSamples
 from verl.workers.rollout.replica import TokenOutput
 
 pytestmark = pytest.mark.timeout(120)
@@ -337,7 +337,7 @@ def test_deterministic_under_a_seed(tiny_qwen2_dir, tokenizer):
 
 
 def test_latent_schedule_by_global_step(tiny_qwen2_dir):
-    from recipe.iib_lpo.alpha_schedule import LatentSchedule
+    from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule
 
     cfg = al.BranchingRolloutConfig.from_trainer_config(_config(tiny_qwen2_dir))
     assert cfg.latent_probability(5) == 1.0 and cfg.schedule.scale == 0.5

@@ -5,8 +5,8 @@ import asyncio
 import pytest
 import torch
 
-from recipe.iib_lpo.latent_sampler import LatentSamples
-from recipe.iib_lpo.latent_service import (
+from recipe.iib_lpo.latent.sampler import LatentSamples
+from recipe.iib_lpo.latent.service import (
     BatchingLatentService,
     LatentServiceClient,
     LatentServiceConfig,
@@ -125,6 +125,6 @@ def test_config_and_client_validation():
     draw = asyncio.run(client.sample("q 3", 2, 2.0))
     assert torch.allclose(draw.embeddings[:, 0], torch.tensor([6.0, 6.2]))
     with pytest.raises(ValueError, match="checkpoint_path is required"):
-        from recipe.iib_lpo.latent_service import build_sampler_from_config
+        from recipe.iib_lpo.latent.service import build_sampler_from_config
 
         build_sampler_from_config(LatentServiceConfig(backend="in_process"))

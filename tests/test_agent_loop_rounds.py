@@ -21,11 +21,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from recipe.iib_lpo import agent_loop as al
-from recipe.iib_lpo.branching import BranchingConfig, choose_fork_position
-from recipe.iib_lpo.ib import IBConfig, IBInputs, ngram_ib_score
-from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_RESAMPLE, iib_lpo_step, round_keep_and_survivor, row_role
-from recipe.iib_lpo.latent_sampler import LatentSamples
+from recipe.iib_lpo.rollout import agent_loop as al
+from recipe.iib_lpo.algorithm.branching import BranchingConfig, choose_fork_position
+from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, ngram_ib_score
+from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_RESAMPLE, iib_lpo_step, round_keep_and_survivor, row_role
+from recipe.iib_lpo.latent.sampler import LatentSamples
 from verl.workers.rollout.replica import TokenOutput
 
 pytestmark = pytest.mark.timeout(180)
@@ -187,7 +187,7 @@ def _run(config, tokenizer, server, reward, monkeypatch, sessions=None, row=None
 
 def _expected_fork(num_generated: int, vocab: int) -> int:
     """The fork point inside a continuation of ``num_generated`` tokens, from the fake top-k rows."""
-    from recipe.iib_lpo.entropy import estimate_entropy_from_topk
+    from recipe.iib_lpo.algorithm.entropy import estimate_entropy_from_topk
 
     rows = torch.as_tensor(_topk_rows(num_generated, vocab)[:, :TOPK])
     decision = choose_fork_position(estimate_entropy_from_topk(rows, vocab).estimate,
@@ -386,7 +386,7 @@ def test_three_rounds_fork_the_chosen_survivor_with_aligned_masks_and_logprobs(t
     assert all(c["ground_truth"] == "7" and c["data_source"] == "demo_arith" for c in reward.calls)
     # latents: one request per fork point, conditioned on question + that round's prefix
     if mode == "cvae":
-        from recipe.iib_lpo.latent_sampler import build_condition_text
+        from recipe.iib_lpo.latent.sampler import build_condition_text
 
         conditions = [text for call in sampler.calls for text in call[0]]
         assert all(call[1] == K for call in sampler.calls)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from recipe.iib_lpo import agent_loop as al
-from recipe.iib_lpo.alpha_schedule import LatentSchedule, draw_latent_injection
-from recipe.iib_lpo.latent_sampler import LatentSamples
+from recipe.iib_lpo.rollout import agent_loop as al
+from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule, draw_latent_injection
+from recipe.iib_lpo.latent.sampler import LatentSamples
 from verl.workers.rollout.replica import TokenOutput
 
 pytestmark = pytest.mark.timeout(120)
@@ -321,7 +321,7 @@ def test_loop_refuses_a_row_without_seed_key(tiny_qwen2_dir, tokenizer, drop):
 def test_measurement_helpers_known_answers(tiny_qwen2_dir):
     from transformers import AutoModelForCausalLM
 
-    from recipe.iib_lpo import measure_latent_kl as m
+    from recipe.iib_lpo.demo import measure_latent_kl as m
 
     logp, logq = torch.log(torch.tensor([0.5, 0.5])), torch.log(torch.tensor([0.25, 0.75]))
     assert m.kl_divergence(logp, logq) == pytest.approx(0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0))
@@ -337,7 +337,7 @@ def test_measurement_helpers_known_answers(tiny_qwen2_dir):
 
 @pytest.mark.slow
 def test_measurement_is_the_schedule_mixture(tmp_path):
-    from recipe.iib_lpo import measure_latent_kl as m
+    from recipe.iib_lpo.demo import measure_latent_kl as m
 
     assert m.main(["--out", str(tmp_path), "--num-prompts", "2", "--num-latents", "2"]) == 0
     result = json.loads((tmp_path / "latent_kl.json").read_text())

@@ -9,7 +9,7 @@ serves every test here:
 - tier 1: BranchingAgentLoop constructed in a coroutine of this process with verl's real
   LLMServerClient (exceptions surface here): branching, masks, log-prob alignment, sticky
   routing measured as prefix-cache hits, the latent path end to end (continuation log-probs ==
-  recipe.iib_lpo.latent_reference with that latent == a plain transformers forward pass with the
+  recipe.iib_lpo.latent.reference with that latent == a plain transformers forward pass with the
   latent row spliced in by hand, and != the same continuation without the latent; the server
   bans the in-vocabulary latent placeholder from sampling, so both are renormalised without
   it), the real
@@ -47,7 +47,7 @@ class RecordingSampler:
         self.calls = 0
 
     def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None):
-        from recipe.iib_lpo.latent_sampler import LatentSamples
+        from recipe.iib_lpo.latent.sampler import LatentSamples
 
         self.calls += 1
         # the service passes one generator per request (draws independent of batching)
@@ -83,7 +83,7 @@ def _iib_config(mode="cvae", seed=7):
 def cluster(tiny_qwen2_dir):
     from verl_patches import verl_cpu_testing as harness
 
-    from recipe.iib_lpo.agent_loop import agent_loop_config_path
+    from recipe.iib_lpo.rollout.agent_loop import agent_loop_config_path
 
     harness.init_ray_for_cpu_rollout(num_replicas=2)
     config = harness.compose_cpu_trainer_config(
@@ -113,8 +113,8 @@ def cluster(tiny_qwen2_dir):
 @pytest.fixture(scope="module")
 def cvae_checkpoint(tmp_path_factory):
     """A random (untrained) CVAE checkpoint over a tiny local text encoder: the real LatentSampler."""
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
-    from recipe.iib_lpo.text_encoder import build_tiny_encoder_dir
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
+    from recipe.iib_lpo.latent.text_encoder import build_tiny_encoder_dir
 
     root = tmp_path_factory.mktemp("cvae")
     encoder_dir = build_tiny_encoder_dir(root / "encoder", hidden_size=32, seed=0)
@@ -141,7 +141,7 @@ def tokenizer(tiny_qwen2_dir):
 def _reference_logprobs(model, context_ids, continuation_ids, latent, banned=(PLACEHOLDER,)):
     """latent_reference's scoring with the server's sampling mask: the placeholder is banned
     (prob 0, the rest renormalised). With ``banned=()`` this is ``score_continuation``."""
-    from recipe.iib_lpo.latent_reference import continuation_logits
+    from recipe.iib_lpo.latent.reference import continuation_logits
 
     with torch.no_grad():
         logits = continuation_logits(model, context_ids, continuation_ids, latent)
@@ -190,7 +190,7 @@ async def _run_groups(config, client, tokenizer, num_prompts, sampler=None, tag=
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from recipe.iib_lpo import agent_loop as al
+    from recipe.iib_lpo.rollout import agent_loop as al
 
     al.BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler) if sampler else None
 
@@ -232,7 +232,7 @@ def test_server_topk_logprobs_match_transformers(cluster, hf_model):
 
 @pytest.mark.timeout(900)
 def test_tier1_branching_latent_cache_and_alignment(cluster, tokenizer, hf_model):
-    from recipe.iib_lpo.latent_sampler import build_condition_text
+    from recipe.iib_lpo.latent.sampler import build_condition_text
 
     config, manager = cluster
     sampler = RecordingSampler()
@@ -299,8 +299,8 @@ def test_tier1_real_latent_sampler_in_ray_actor(cluster, tokenizer, hf_model, cv
     """The latent service as a named Ray actor with the real LatentSampler (text encoder + CVAE
     prior + P): each branch's continuation is scored by the reference with the latent recomputed
     locally from the same checkpoint, condition text and seed."""
-    from recipe.iib_lpo import agent_loop as al
-    from recipe.iib_lpo.latent_sampler import LatentSampler, build_condition_text
+    from recipe.iib_lpo.rollout import agent_loop as al
+    from recipe.iib_lpo.latent.sampler import LatentSampler, build_condition_text
 
     config, manager = cluster
     iib = _iib_config()
@@ -347,7 +347,7 @@ def test_tier2_agent_loop_manager_tq(cluster, tiny_qwen2_dir, cvae_checkpoint):
     import transfer_queue as tq
     from verl.utils import tensordict_utils as tu
 
-    from recipe.iib_lpo.agent_loop import IibLpoAgentLoopManagerTQ
+    from recipe.iib_lpo.rollout.agent_loop import IibLpoAgentLoopManagerTQ
 
     config, manager = cluster
     # The agent-loop worker is a separate Ray process: it reaches the per-trainer latent-service

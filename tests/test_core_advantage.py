@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipe.iib_lpo.advantage import (
+from recipe.iib_lpo.algorithm.advantage import (
     AdvantageConfig,
     compute_iib_lpo_advantage,
     compute_iib_lpo_advantage_verl,
@@ -160,10 +160,10 @@ def test_registered_through_verl_plugin_in_fresh_process():
     # only `import verl` (the entry point) may register it: recipe.iib_lpo is imported afterwards
     code = (
         "import sys, verl\n"
-        "assert 'recipe.iib_lpo.advantage' in sys.modules, 'plugin did not import the advantage module'\n"
+        "assert 'recipe.iib_lpo.algorithm.advantage' in sys.modules, 'plugin did not import the advantage module'\n"
         "from verl.trainer.ppo.core_algos import get_adv_estimator_fn\n"
         "fn = get_adv_estimator_fn('iib_lpo')\n"
-        "from recipe.iib_lpo.advantage import compute_iib_lpo_advantage_verl\n"
+        "from recipe.iib_lpo.algorithm.advantage import compute_iib_lpo_advantage_verl\n"
         "assert fn is compute_iib_lpo_advantage_verl, fn\n"
         "print('OK')\n"
     )

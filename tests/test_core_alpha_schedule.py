@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from recipe.iib_lpo.alpha_schedule import SCHEDULES, LatentSchedule, draw_latent_injection, inject_probability
+from recipe.iib_lpo.algorithm.alpha_schedule import SCHEDULES, LatentSchedule, draw_latent_injection, inject_probability
 
 
 def test_closed_form_values():

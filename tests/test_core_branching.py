@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from recipe.iib_lpo.branching import (
+from recipe.iib_lpo.algorithm.branching import (
     FORK_OK,
     NO_FORK_TOO_SHORT,
     BranchingConfig,

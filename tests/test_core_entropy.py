@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from recipe.iib_lpo.entropy import EntropyConfig, EntropyEstimate, entropy_from_logits, estimate_entropy_from_topk
+from recipe.iib_lpo.algorithm.entropy import EntropyConfig, EntropyEstimate, entropy_from_logits, estimate_entropy_from_topk
 
 K = 20
 V = 4096

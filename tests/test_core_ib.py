@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipe.iib_lpo.ib import (
+from recipe.iib_lpo.algorithm.ib import (
     IBConfig,
     IBInputs,
     TextStats,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from recipe.iib_lpo.loss_terms import LossTermsConfig, ib_regularizer_loss, iib_lpo_ppo_loss
+from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
+from recipe.iib_lpo.trainer.loss import ib_regularizer_loss, iib_lpo_ppo_loss
 
 
 def test_regularizer_hand_computed():

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE
-from recipe.iib_lpo.latent_reference import latent_token_embedding
-from recipe.iib_lpo.latent_sampler import LatentSampler, build_condition_text, prior_condition_text
-from recipe.iib_lpo.text_encoder import (
+from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE
+from recipe.iib_lpo.latent.reference import latent_token_embedding
+from recipe.iib_lpo.latent.sampler import LatentSampler, build_condition_text, prior_condition_text
+from recipe.iib_lpo.latent.text_encoder import (
     CONDITION_SEPARATOR,
     TextEncoder,
     build_tiny_encoder_dir,

@@ -1,9 +1,9 @@
-"""CVAE networks, closed-form KL, training signal and checkpoint validation (recipe/iib_lpo/cvae.py)."""
+"""CVAE networks, closed-form KL, training signal and checkpoint validation (recipe/iib_lpo/latent/cvae.py)."""
 
 import pytest
 import torch
 
-from recipe.iib_lpo.cvae import (
+from recipe.iib_lpo.latent.cvae import (
     CVAECheckpointError,
     CVAEConfig,
     LatentCVAE,
@@ -11,7 +11,7 @@ from recipe.iib_lpo.cvae import (
     load_cvae_checkpoint,
     save_cvae_checkpoint,
 )
-from recipe.iib_lpo.train_cvae import train_cvae_on_embeddings
+from recipe.iib_lpo.latent.training import train_cvae_on_embeddings
 
 SMALL = dict(embed_dim=8, latent_dim=4, hidden_width=32, num_layers=3, policy_hidden_size=16,
              projector_hidden_width=16)
@@ -197,7 +197,7 @@ def test_checkpoint_loading_is_weights_only(tmp_path):
 
 def test_per_row_generators_make_draws_independent_of_the_batch():
     """Row i drawn with its own generator equals the same row drawn alone with that seed."""
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE
 
     torch.manual_seed(0)
     cvae = LatentCVAE(CVAEConfig(embed_dim=8, latent_dim=4, hidden_width=16, policy_hidden_size=8))

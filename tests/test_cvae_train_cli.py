@@ -1,14 +1,14 @@
-"""CVAE training data, step cuts and the train_cvae CLI end to end (recipe/iib_lpo/train_cvae.py)."""
+"""CVAE training data, step cuts and the train_cvae CLI end to end (recipe/iib_lpo/latent/training.py)."""
 
 import logging
 
 import pytest
 import torch
 
-from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE, load_cvae_checkpoint
-from recipe.iib_lpo.latent_sampler import build_condition_text
-from recipe.iib_lpo.text_encoder import build_tiny_encoder_dir
-from recipe.iib_lpo.train_cvae import (
+from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE, load_cvae_checkpoint
+from recipe.iib_lpo.latent.sampler import build_condition_text
+from recipe.iib_lpo.latent.text_encoder import build_tiny_encoder_dir
+from recipe.iib_lpo.latent.training import (
     TrainingPair,
     load_training_rows,
     main,
@@ -66,7 +66,7 @@ def test_step_boundaries_cut_at_sentences_and_newlines_not_decimals():
 
 
 def test_make_training_pairs_lars_and_prefix():
-    from recipe.iib_lpo.train_cvae import TrainingRow
+    from recipe.iib_lpo.latent.training import TrainingRow
 
     rows = [TrainingRow("What is 3+5?", SOLUTION), TrainingRow("Q2?", "Single step.")]
     lars = make_training_pairs(rows, "lars")
@@ -103,10 +103,10 @@ def test_training_and_rollout_conditions_come_from_the_same_function(monkeypatch
     """make_training_pairs builds its conditions with latent_sampler.build_condition_text, and the
     rollout sampler (with the scheme the checkpoint of ``mode`` records) encodes exactly the training
     condition for the same question and prefix."""
-    from recipe.iib_lpo import train_cvae
-    from recipe.iib_lpo.cvae import MODE_CONDITION_SCHEME
-    from recipe.iib_lpo.latent_sampler import LatentSampler
-    from recipe.iib_lpo.train_cvae import TrainingRow
+    from recipe.iib_lpo.latent import training as train_cvae
+    from recipe.iib_lpo.latent.cvae import MODE_CONDITION_SCHEME
+    from recipe.iib_lpo.latent.sampler import LatentSampler
+    from recipe.iib_lpo.latent.training import TrainingRow
 
     calls = []
 
@@ -245,7 +245,7 @@ def test_cli_reads_data_prep_output(tmp_path, encoder_dir, caplog):
 
 
 def test_sampler_from_a_trained_checkpoint(tmp_path, encoder_dir, train_parquet):
-    from recipe.iib_lpo.latent_sampler import LatentSampler
+    from recipe.iib_lpo.latent.sampler import LatentSampler
 
     out = tmp_path / "c.pt"
     main(["--train-parquet", str(train_parquet), "--out", str(out), "--mode", "prefix", "--encoder", str(encoder_dir),
@@ -263,7 +263,7 @@ def test_sampler_from_a_trained_checkpoint(tmp_path, encoder_dir, train_parquet)
 def test_sampler_from_a_lars_checkpoint_ignores_the_fork_prefix(tmp_path, encoder_dir, train_parquet):
     """The scheme recorded by a lars run reaches the rollout sampler at load time: forks of one
     question get the same prior whatever their prefix, as in training."""
-    from recipe.iib_lpo.latent_sampler import LatentSampler
+    from recipe.iib_lpo.latent.sampler import LatentSampler
 
     out = tmp_path / "lars.pt"
     main(["--train-parquet", str(train_parquet), "--out", str(out), "--mode", "lars", "--encoder", str(encoder_dir),

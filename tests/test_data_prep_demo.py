@@ -195,7 +195,7 @@ def test_misread_solution_changes_only_the_last_operator_and_the_answer():
 
 
 def test_warm_start_misreads_the_configured_share():
-    from recipe.iib_lpo.demo_warmstart import sft_solutions
+    from recipe.iib_lpo.demo.warmstart import sft_solutions
 
     rows = [{"solution": p["solution"]} for p in make_demo_problems(2000, seed=4)]
     assert sft_solutions(rows, 0.0, seed=0) == [r["solution"] for r in rows]

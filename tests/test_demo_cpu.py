@@ -57,7 +57,7 @@ def smoke(tmp_path_factory):
 
 
 def _metrics(out: Path, algo: str) -> list[dict]:
-    from recipe.iib_lpo.cpu_run import CpuRun
+    from recipe.iib_lpo.trainer.cpu_run import CpuRun
 
     # training steps (verl's validation before step 1 writes a row of its own at step 0)
     return [m for m in CpuRun(0, out / "runs" / algo).metrics() if "critic/score/mean" in m]
@@ -96,7 +96,7 @@ def test_metrics_and_iib_lpo_step_metrics_were_written(smoke):
 def test_policy_weights_changed_inside_vllm_after_the_syncs(smoke):
     """Weight decay is off in the demo, so the weights move only through the policy gradient: after
     every step with a non-zero gradient the fingerprint taken inside the vLLM worker differs."""
-    from recipe.iib_lpo.cpu_run import CpuRun
+    from recipe.iib_lpo.trainer.cpu_run import CpuRun
 
     for algo in ALGOS:
         prints = CpuRun(0, smoke["out"] / "runs" / algo).weight_fingerprints()

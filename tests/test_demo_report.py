@@ -1,4 +1,4 @@
-"""The CPU demo report (recipe/iib_lpo/demo_report.py): known-answer cases for the verdict, the
+"""The CPU demo report (recipe/iib_lpo/demo/report.py): known-answer cases for the verdict, the
 comparisons, the smoothing, verl's validation series, the summary dict, and the plots and report
 written from synthetic metrics (no trainer, no vLLM)."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe.iib_lpo.demo_report import (
+from recipe.iib_lpo.demo.report import (
     _diagnostic_series,
     _paired_diff,
     build_summary,

@@ -4,7 +4,7 @@ import os
 
 import psutil
 
-from recipe.iib_lpo.demo_warmstart import training_threads
+from recipe.iib_lpo.demo.warmstart import training_threads
 
 
 def test_training_threads_follow_current_cpu_use(monkeypatch):

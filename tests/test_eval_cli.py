@@ -86,7 +86,7 @@ def test_run_writes_table_json_and_plots(eval_output):
 
 
 def test_per_problem_records_are_consistent_with_the_reward(eval_output, tiny_qwen2_dir):
-    from recipe.iib_lpo.reward import compute_score
+    from recipe.iib_lpo.reward.score import compute_score
 
     out = eval_output["out"]
     for bench, n, problems in (("aime24", 4, AIME_LIKE), ("math500", 2, MATH_LIKE)):

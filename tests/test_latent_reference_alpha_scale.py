@@ -1,5 +1,5 @@
 """What alpha does and does not do to the latent token (documents a property the alpha schedule
-relies on; see recipe/iib_lpo/alpha_schedule.py).
+relies on; see recipe/iib_lpo/algorithm/alpha_schedule.py).
 
 Qwen2/Qwen3 apply RMSNorm to every position's input before the first attention layer, so the
 first layer sees only the latent embedding's direction: shrinking alpha toward 0 does NOT fade the
@@ -9,7 +9,7 @@ token into "no token". It converges to a fixed, non-trivial "empty token" effect
 
 import torch
 
-from recipe.iib_lpo.latent_reference import score_continuation
+from recipe.iib_lpo.latent.reference import score_continuation
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recipe.iib_lpo.latent_reference import (
+from recipe.iib_lpo.latent.reference import (
     generate_with_latent,
     generate_with_latents_batched,
     score_continuation,
@@ -45,7 +45,7 @@ def test_processed_logprobs_are_those_of_the_sampling_distribution(model):
                                            logprobs_mode="processed_logprobs", **kwargs)
     assert ids == ids2
     # recompute both conventions without cache from the full-sequence logits
-    from recipe.iib_lpo.latent_reference import build_input_embeddings
+    from recipe.iib_lpo.latent.reference import build_input_embeddings
 
     embeds, prefix_len = build_input_embeddings(model, CONTEXT, ids, latent)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_kv_cache_greedy_equals_no_cache_recomputation(model):
     latent = _latent(3)
     ids, logprobs = generate_with_latent(model, CONTEXT, latent, 12, temperature=0.0)
     # recompute greedily without any cache: one full forward per new token
-    from recipe.iib_lpo.latent_reference import build_input_embeddings
+    from recipe.iib_lpo.latent.reference import build_input_embeddings
 
     recomputed = []
     for _ in range(12):

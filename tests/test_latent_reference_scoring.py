@@ -1,10 +1,10 @@
-"""Latent-token scoring reference (recipe/iib_lpo/latent_reference.py), Qwen2 and Qwen3 tiny models."""
+"""Latent-token scoring reference (recipe/iib_lpo/latent/reference.py), Qwen2 and Qwen3 tiny models."""
 
 import pytest
 import torch
 
-from recipe.iib_lpo.cvae import LatentProjector
-from recipe.iib_lpo.latent_reference import (
+from recipe.iib_lpo.latent.cvae import LatentProjector
+from recipe.iib_lpo.latent.reference import (
     latent_token_embedding,
     score_continuation,
     score_continuations_batched,

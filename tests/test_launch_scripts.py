@@ -249,7 +249,7 @@ IIB_LPO_KEYS = {
     "algorithm.adv_estimator": "iib_lpo",
     "actor_rollout_ref.rollout.name": "iib_lpo_vllm",
     "actor_rollout_ref.rollout.agent.default_agent_loop": "iib_lpo_branching",
-    "actor_rollout_ref.rollout.agent.agent_loop_manager_class": "recipe.iib_lpo.agent_loop.IibLpoAgentLoopManagerTQ",
+    "actor_rollout_ref.rollout.agent.agent_loop_manager_class": "recipe.iib_lpo.rollout.agent_loop.IibLpoAgentLoopManagerTQ",
     "iib_lpo.latent.mode": "cvae",
     "iib_lpo.latent.placeholder_token_id": 151665,
     "iib_lpo.latent.service.num_gpus": 0,
@@ -503,7 +503,7 @@ def test_prepare_data_takes_sources_from_the_environment(env_dir):
 
 
 def test_run_cvae_writes_the_checkpoint_the_runs_load(env_dir, configs):
-    from recipe.iib_lpo.train_cvae import build_arg_parser
+    from recipe.iib_lpo.latent.training import build_arg_parser
 
     data_dir = env_dir / "nowhere" / "data"
     for profile, script, model in [("qwen2.5-7b", "run_qwen7b.sh", "Qwen/Qwen2.5-7B"),

@@ -45,7 +45,7 @@ def test_each_component_is_in_verls_registries_after_import_verl():
         "                  'adapter': ('iib_lpo_vllm', 'async') in base._ROLLOUT_REGISTRY}))\n"
     )
     assert result == {
-        "adv": "recipe.iib_lpo.advantage.compute_iib_lpo_advantage_verl",
+        "adv": "recipe.iib_lpo.algorithm.advantage.compute_iib_lpo_advantage_verl",
         "replica": "IibLpoVLLMReplica",
         "adapter": True,
     }

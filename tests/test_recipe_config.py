@@ -9,14 +9,14 @@ import pytest
 from omegaconf import OmegaConf
 
 import recipe.iib_lpo as recipe_pkg
-from recipe.iib_lpo.advantage import AdvantageConfig
-from recipe.iib_lpo import agent_loop as agent_loop_module
-from recipe.iib_lpo.agent_loop import BranchingRolloutConfig
-from recipe.iib_lpo.alpha_schedule import LatentSchedule
-from recipe.iib_lpo.branching import BranchingConfig
-from recipe.iib_lpo.ib import IBConfig
-from recipe.iib_lpo.latent_service import LatentServiceConfig
-from recipe.iib_lpo.loss_terms import LossTermsConfig
+from recipe.iib_lpo.algorithm.advantage import AdvantageConfig
+from recipe.iib_lpo.rollout import agent_loop as agent_loop_module
+from recipe.iib_lpo.rollout.agent_loop import BranchingRolloutConfig
+from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule
+from recipe.iib_lpo.algorithm.branching import BranchingConfig
+from recipe.iib_lpo.algorithm.ib import IBConfig
+from recipe.iib_lpo.latent.service import LatentServiceConfig
+from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
 
 YAML_PATH = Path(recipe_pkg.__file__).parent / "config" / "iib_lpo.yaml"
 

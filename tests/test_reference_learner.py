@@ -1,17 +1,17 @@
-"""The reference learner (recipe.iib_lpo.reference_learner): its GRPO advantage and clipped loss equal
+"""The reference learner (recipe.iib_lpo.demo.reference_learner): its GRPO advantage and clipped loss equal
 verl's own functions, and the loop learns a task a correct policy gradient must learn."""
 
 import numpy as np
 import pytest
 import torch
 
-from recipe.iib_lpo.reference_learner import (
+from recipe.iib_lpo.demo.reference_learner import (
     ReferenceConfig,
     clipped_pg_loss,
     grpo_advantages,
     paired_gain,
 )
-from recipe.iib_lpo.step_metrics import zero_variance_group_share
+from recipe.iib_lpo.trainer.step_metrics import zero_variance_group_share
 
 
 def test_grpo_advantages_equal_verl():
@@ -88,8 +88,8 @@ def test_cli_saves_the_trained_policy(tmp_path, tiny_qwen2_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from recipe.iib_lpo.demo import prepare_demo_data
-    from recipe.iib_lpo.reference_learner import main
+    from recipe.iib_lpo.demo.data import prepare_demo_data
+    from recipe.iib_lpo.demo.reference_learner import main
 
     data = prepare_demo_data(tmp_path, num_problems=16, seed=0)
     saved = tmp_path / "policy"

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from recipe.iib_lpo import answer_checking as ac
-from recipe.iib_lpo.reward import (
+from recipe.iib_lpo.reward import answer_checking as ac
+from recipe.iib_lpo.reward.score import (
     answers_equivalent,
     compute_score,
     extract_answer,

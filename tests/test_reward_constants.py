@@ -1,6 +1,6 @@
 """Reward false positives (issue 9 item 2): constants are not units, prose is not an answer.
 
-Two rules of the reward contract (recipe/iib_lpo/reward.py module docstring):
+Two rules of the reward contract (recipe/iib_lpo/reward/score.py module docstring):
 
 * The trailing-unit rule drops units after a bare number (``5 cm`` = 5) but never a
   mathematical constant or function, written as a word (``2 pi``, ``2 infinity``, ``2 sqrt 3``)
@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from recipe.iib_lpo import answer_checking as ac
-from recipe.iib_lpo.reward import compute_score, extract_answer
+from recipe.iib_lpo.reward import answer_checking as ac
+from recipe.iib_lpo.reward.score import compute_score, extract_answer
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from recipe.iib_lpo import answer_checking as ac
-from recipe.iib_lpo.reward import compute_score
+from recipe.iib_lpo.reward import answer_checking as ac
+from recipe.iib_lpo.reward.score import compute_score
 
 REWARD_FILE = Path(ac.__file__).with_name("reward.py")
 
@@ -87,8 +87,8 @@ def test_script_without_main_guard(tmp_path):
         textwrap.dedent(
             f"""
             import json
-            from recipe.iib_lpo import answer_checking
-            from recipe.iib_lpo.reward import compute_score
+            from recipe.iib_lpo.reward import answer_checking
+            from recipe.iib_lpo.reward.score import compute_score
             rows = {[(r, g) for r, g, _ in MIXED_BATCH]!r}
             scores = [compute_score("math", r, g)["score"] for r, g in rows]
             pids = [p.proc.pid for p in answer_checking._pool()._all]
@@ -113,8 +113,8 @@ def test_forked_child_gets_its_own_verifier(tmp_path):
         textwrap.dedent(
             """
             import json, multiprocessing
-            from recipe.iib_lpo import answer_checking
-            from recipe.iib_lpo.reward import compute_score
+            from recipe.iib_lpo.reward import answer_checking
+            from recipe.iib_lpo.reward.score import compute_score
 
             def child(q):
                 r = compute_score("m", "\\\\boxed{\\\\sqrt{12}}", "2\\\\sqrt3")
@@ -223,7 +223,7 @@ def test_compute_score_inside_a_ray_actor():
         async def score(self, rows):
             import asyncio
 
-            from recipe.iib_lpo.reward import compute_score as score_fn
+            from recipe.iib_lpo.reward.score import compute_score as score_fn
 
             loop = asyncio.get_running_loop()  # like verl: the sync function runs in an executor thread
             return [

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from recipe.iib_lpo.startup_checks import RecipeConfigError
+from recipe.iib_lpo.trainer.startup_checks import RecipeConfigError
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "recipe", "iib_lpo", "config")
 
@@ -30,7 +30,7 @@ def cvae_ckpt(tmp_path, tiny_qwen2_dir):
 
     import torch
 
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
 
     hidden = json.loads((tiny_qwen2_dir / "config.json").read_text())["hidden_size"]
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def _good(tiny_qwen2_dir, ckpt):
 
 
 def test_composes_with_recipe_selections_and_derives_server_knobs(tiny_qwen2_dir, cvae_ckpt):
-    from recipe.iib_lpo.agent_loop import agent_loop_config_path
+    from recipe.iib_lpo.rollout.agent_loop import agent_loop_config_path
     from recipe.iib_lpo.main import prepare_config
 
     config = _compose(_good(tiny_qwen2_dir, cvae_ckpt[0]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe.iib_lpo.cpu_run import CpuRunSpec, run_cpu_training
+from recipe.iib_lpo.trainer.cpu_run import CpuRunSpec, run_cpu_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
@@ -29,10 +29,10 @@ def artifacts(tmp_path_factory, tiny_qwen2_dir):
     """Demo data and a random CVAE checkpoint (prefix scheme) over a tiny local encoder."""
     import torch
 
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
-    from recipe.iib_lpo.demo import prepare_demo_data
-    from recipe.iib_lpo.text_encoder import build_tiny_encoder_dir
-    from recipe.iib_lpo.tiny_models import latent_placeholder_token_id
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE, save_cvae_checkpoint
+    from recipe.iib_lpo.demo.data import prepare_demo_data
+    from recipe.iib_lpo.latent.text_encoder import build_tiny_encoder_dir
+    from recipe.iib_lpo.demo.tiny_models import latent_placeholder_token_id
 
     root = tmp_path_factory.mktemp("trainer_artifacts")
     data_dir = prepare_demo_data(root, num_problems=48, seed=0)

@@ -8,9 +8,9 @@ verl 0.9.1's ``ppo_loss`` with the token-mean denominator computed as verl's FSD
 import pytest
 import torch
 
-from recipe.iib_lpo.advantage import compute_iib_lpo_advantage
-from recipe.iib_lpo.ib import IBConfig, IBInputs
-from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, filter_groups, iib_lpo_step
+from recipe.iib_lpo.algorithm.advantage import compute_iib_lpo_advantage
+from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs
+from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, filter_groups, iib_lpo_step
 
 QUESTION = "Ava has 3 apples and buys 4 more. How many apples does she have?"
 CONCISE = "3 + 4 = 7. \\boxed{7}"

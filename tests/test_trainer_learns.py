@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe.iib_lpo.cpu_run import CpuRunSpec, run_cpu_training
+from recipe.iib_lpo.trainer.cpu_run import CpuRunSpec, run_cpu_training
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1200)]
 
@@ -30,7 +30,7 @@ REWARD = Path(__file__).resolve().parent / "helpers" / "digit_first_reward.py"
 
 @pytest.fixture(scope="module")
 def grpo_run(tmp_path_factory, tiny_qwen2_dir):
-    from recipe.iib_lpo.demo import prepare_demo_data
+    from recipe.iib_lpo.demo.data import prepare_demo_data
 
     root = tmp_path_factory.mktemp("learns")
     data_dir = prepare_demo_data(root, num_problems=160, seed=0)
@@ -63,7 +63,7 @@ def test_grpo_training_reward_rises(grpo_run):
 
 def test_grpo_validation_reward_rises(grpo_run):
     """verl's validation (sampled, 4 per problem) before step 1 and after the last step."""
-    from recipe.iib_lpo.demo_report import validation_series
+    from recipe.iib_lpo.demo.report import validation_series
 
     values = dict(zip(*validation_series(grpo_run.metrics())))
     assert min(values) == 0 and max(values) == STEPS, values

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole
-from recipe.iib_lpo.startup_checks import RecipeConfigError, check_iib_lpo_config
-from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
+from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole
+from recipe.iib_lpo.trainer.startup_checks import RecipeConfigError, check_iib_lpo_config
+from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics
 
 RUN_TIMEOUT_S = 1200
 PARITY_REWARD = Path(__file__).resolve().parent / "helpers" / "parity_reward.py"
@@ -107,8 +107,8 @@ M, K, R = 1, 2, 2
 
 @pytest.fixture(scope="module")
 def rounds_run(tmp_path_factory, tiny_qwen2_dir):
-    from recipe.iib_lpo.cpu_run import CpuRunSpec, run_cpu_training
-    from recipe.iib_lpo.demo import prepare_demo_data
+    from recipe.iib_lpo.trainer.cpu_run import CpuRunSpec, run_cpu_training
+    from recipe.iib_lpo.demo.data import prepare_demo_data
 
     root = tmp_path_factory.mktemp("trainer_rounds")
     data_dir = prepare_demo_data(root, num_problems=48, seed=0)

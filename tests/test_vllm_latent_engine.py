@@ -37,7 +37,7 @@ class Engines:
 
 @pytest.fixture(scope="module", params=["qwen2", "qwen3"])
 def engines(request, tiny_qwen2_dir, tiny_qwen3_dir):
-    from recipe.iib_lpo.tiny_models import latent_placeholder_token_id
+    from recipe.iib_lpo.demo.tiny_models import latent_placeholder_token_id
     from verl_patches.vllm_latent.testing import load_reference_model, tiny_cpu_llm
 
     model_dir = tiny_qwen2_dir if request.param == "qwen2" else tiny_qwen3_dir
@@ -81,7 +81,7 @@ def _params(seed: int, max_tokens: int = 12, temperature: float = 1.0, logprobs:
 
 
 def _reference(e: Engines, context, continuation, latent) -> torch.Tensor:
-    from recipe.iib_lpo.latent_reference import score_continuation
+    from recipe.iib_lpo.latent.reference import score_continuation
 
     with torch.no_grad():
         return score_continuation(e.ref, context, continuation, latent)
@@ -300,7 +300,7 @@ def test_sampling_logprobs_are_tempered_and_topk_entropy_error(engines, temperat
 
     T = 2.0 flattens the tiny model's peaked distributions, so the top-20 misses real tail mass.
     """
-    from recipe.iib_lpo.entropy import entropy_from_logits
+    from recipe.iib_lpo.algorithm.entropy import entropy_from_logits
     from verl_patches.vllm_latent import build_latent_prompt, topk_entropy_from_vllm_logprobs, topk_logprobs_tensor
     from verl_patches.vllm_latent.testing import reference_logits, sampled_logprobs
 
@@ -346,7 +346,7 @@ def test_load_weights_accepts_a_stock_state_dict(engines, tmp_path):
     ``reload_weights`` wraps the very same ``load_weights`` call in its layerwise-reload bracket,
     which restores the checkpoint-format parameters first. That is what runs here.
     """
-    from recipe.iib_lpo.tiny_models import build_tiny_model_dir
+    from recipe.iib_lpo.demo.tiny_models import build_tiny_model_dir
     from verl_patches.vllm_latent import build_latent_prompt
     from verl_patches.vllm_latent.testing import load_reference_model
 

@@ -15,10 +15,12 @@ def register_all() -> None:
     from verl_patches import cpu_platform
 
     cpu_platform.activate()  # VERL_PLATFORM=cpu only; must precede verl's first get_platform()
-    # Each import below registers its components as a side effect of defining them.
-    import recipe.iib_lpo.advantage  # noqa: F401  registers adv_estimator=iib_lpo
+    from verl.trainer.ppo.core_algos import register_adv_est
+
+    from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, compute_iib_lpo_advantage_verl
     from verl_patches.rollout_server import register_rollout_server  # rollout.name=iib_lpo_vllm
 
+    register_adv_est(ADV_ESTIMATOR_NAME)(compute_iib_lpo_advantage_verl)  # algorithm.adv_estimator=iib_lpo
     register_rollout_server()
     _REGISTERED = True
 

@@ -1,7 +1,7 @@
 """Entry point: ``python -m recipe.iib_lpo.main [hydra overrides]`` (config ``iib_lpo_trainer``).
 
 verl's ``main_ppo`` flow (Ray init -> a TaskRunner actor -> trainer.init -> agent-loop manager ->
-fit) with two recipe changes: the trainer class is ``recipe.iib_lpo.trainer.IibLpoTrainer``
+fit) with two recipe changes: the trainer class is ``recipe.iib_lpo.trainer.ppo_trainer.IibLpoTrainer``
 (``PPOTrainerSync`` + the I2B-LPO step; with a non-``iib_lpo`` estimator it is verl's), and the
 recipe's start-up check runs before anything starts. The GRPO / DAPO baselines use this same entry
 point with only algorithm keys changed.
@@ -18,7 +18,7 @@ import hydra
 import ray
 from omegaconf import OmegaConf, open_dict
 
-from recipe.iib_lpo.startup_checks import check_iib_lpo_config
+from recipe.iib_lpo.trainer.startup_checks import check_iib_lpo_config
 
 
 def prepare_config(config, check_files: bool = True) -> None:
@@ -27,7 +27,7 @@ def prepare_config(config, check_files: bool = True) -> None:
     Derived: the agent-loop registration YAML, and the rollout server's knobs
     (``rollout.custom.iib_lpo``) from ``iib_lpo.latent`` and ``iib_lpo.entropy``.
     """
-    from recipe.iib_lpo.agent_loop import agent_loop_config_path
+    from recipe.iib_lpo.rollout.agent_loop import agent_loop_config_path
 
     from verl_patches.rollout_server import CUSTOM_CONFIG_KEY, ROLLOUT_NAME
 
@@ -57,7 +57,7 @@ class IibLpoTaskRunner:
         from verl.utils.import_utils import load_class_from_fqn
         from verl.utils.logging_utils import configure_verl_logging
 
-        from recipe.iib_lpo.trainer import IibLpoTrainer
+        from recipe.iib_lpo.trainer.ppo_trainer import IibLpoTrainer
 
         configure_verl_logging()
         config.transfer_queue.enable = True

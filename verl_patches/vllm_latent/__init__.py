@@ -186,9 +186,9 @@ def topk_entropy_from_vllm_logprobs(step_logprobs: Sequence[Mapping[int, Any]], 
     ``SamplingParams(logprobs>=k)`` on an engine started with ``latent_engine_kwargs`` (its
     ``logprobs_mode="processed_logprobs"`` makes these the log-probs of softmax(logits / T); with
     top_p < 1 or top_k > 0 they are of the truncated distribution instead). ``vocab_size`` is the
-    model's logits width (``config.vocab_size``). Returns ``recipe.iib_lpo.entropy.EntropyEstimate``
+    model's logits width (``config.vocab_size``). Returns ``recipe.iib_lpo.algorithm.entropy.EntropyEstimate``
     (estimate, guaranteed lower/upper bracket, tail mass), all [T].
     """
-    from recipe.iib_lpo.entropy import estimate_entropy_from_topk
+    from recipe.iib_lpo.algorithm.entropy import estimate_entropy_from_topk
 
     return estimate_entropy_from_topk(topk_logprobs_tensor(step_logprobs, k), vocab_size)

@@ -100,6 +100,6 @@ def reference_logits(
     latent_embedding: torch.Tensor | None,
 ) -> torch.Tensor:
     """Full logits [len(continuation), V] predicting each continuation token (the reference, no grad)."""
-    from recipe.iib_lpo.latent_reference import continuation_logits
+    from recipe.iib_lpo.latent.reference import continuation_logits
 
     return continuation_logits(model, context_ids, continuation_ids, latent_embedding)

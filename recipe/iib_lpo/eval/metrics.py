@@ -113,7 +113,7 @@ def maj_at_k(
     own sample's correctness is used instead, so maj@k and P@1 judge answers identically.
     """
     if equivalent is None:
-        from recipe.iib_lpo.reward import answers_equivalent as equivalent
+        from recipe.iib_lpo.reward.score import answers_equivalent as equivalent
     preds = list(preds)
     if sample_correct is not None and len(sample_correct) != len(preds):
         raise ValueError(f"maj_at_k: {len(sample_correct)} correctness flags for {len(preds)} preds")
@@ -174,9 +174,9 @@ def default_k_values(n: int) -> list[int]:
 
 def word_tokens(text: str) -> list[str]:
     """The word tokens of Distinct-n and the repetition rate: the IB score's tokenisation
-    (``recipe.iib_lpo.ib.word_tokens``: lower-cased words and single punctuation marks), so the
+    (``recipe.iib_lpo.algorithm.ib.word_tokens``: lower-cased words and single punctuation marks), so the
     eval's Rep-4 is the same quantity the IB score penalises."""
-    from recipe.iib_lpo.ib import word_tokens as ib_word_tokens
+    from recipe.iib_lpo.algorithm.ib import word_tokens as ib_word_tokens
 
     return ib_word_tokens(text)
 
@@ -203,8 +203,8 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
 def repetition_rate(text: str, n: int = 4) -> float | None:
     """Fraction of a response's word n-grams that repeat an earlier n-gram of the same response
     (1 - unique/total; 0 = no repetition, -> 1 for a loop): the IB score's rep4
-    (``recipe.iib_lpo.ib.repeated_ngram_fraction``). None if the response has no n-gram."""
-    from recipe.iib_lpo.ib import repeated_ngram_fraction
+    (``recipe.iib_lpo.algorithm.ib.repeated_ngram_fraction``). None if the response has no n-gram."""
+    from recipe.iib_lpo.algorithm.ib import repeated_ngram_fraction
 
     tokens = word_tokens(text)
     if len(tokens) < n:

@@ -120,11 +120,11 @@ def score_problem(
 ) -> dict:
     """Score the samples of one problem: per-sample correctness/preds and per-problem pass@k, maj@n.
 
-    ``compute_score`` / ``equivalent`` default to the recipe's reward (``recipe.iib_lpo.reward``),
+    ``compute_score`` / ``equivalent`` default to the recipe's reward (``recipe.iib_lpo.reward.score``),
     so evaluation and training reward agree by construction.
     """
     if compute_score is None or equivalent is None:
-        from recipe.iib_lpo import reward
+        from recipe.iib_lpo.reward import score as reward
 
         compute_score = compute_score or reward.compute_score
         equivalent = equivalent or reward.answers_equivalent

@@ -1,6 +1,6 @@
 """One training step's IB score, Top-N filter and advantage over a verl batch (METHOD.md 6-7).
 
-Pure functions (lists and tensors in, tensors out); the trainer (``recipe.iib_lpo.trainer``) only
+Pure functions (lists and tensors in, tensors out); the trainer (``recipe.iib_lpo.trainer.ppo_trainer``) only
 fetches the inputs from TransferQueue and writes the outputs back.
 
 Filter groups: a branch competes with the other branches of its own fork source, keyed
@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from recipe.iib_lpo.advantage import compute_iib_lpo_advantage, kept_loss_mask
-from recipe.iib_lpo.ib import IBConfig, IBInputs, best_branch_per_fork_source, score_trajectories, topn_keep_mask
+from recipe.iib_lpo.algorithm.advantage import compute_iib_lpo_advantage, kept_loss_mask
+from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, best_branch_per_fork_source, score_trajectories, topn_keep_mask
 
 __all__ = ["ROW_INITIAL", "ROW_BRANCH", "ROW_RESAMPLE", "RowRole", "row_kind", "row_role", "IBStepResult",
            "fork_source_key", "filter_groups", "round_keep_and_survivor", "rounds_problems", "iib_lpo_step"]

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # Values measured to matter on CPU (ENVIRONMENT.md; run_scripts/cpu_env.sh sets the same).
 CPU_ENV = {

@@ -13,7 +13,7 @@ the recipe's reward, GRPO advantage per group (``grpo_advantages``, equal to ver
 aggregation (``clipped_pg_loss``, equal to verl's ``compute_policy_loss_vanilla`` + ``agg_loss``),
 AdamW step with gradient clipping. Every ``eval_every`` steps: sampled P@1 on a validation split.
 
-    python -m recipe.iib_lpo.reference_learner --model <hf dir> --train <parquet> --val <parquet> \\
+    python -m recipe.iib_lpo.demo.reference_learner --model <hf dir> --train <parquet> --val <parquet> \\
         --steps 40 --prompts-per-step 8 --n 8 --lr 1e-4 --out ref.json [--save-model ref_model]
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from recipe.iib_lpo.demo_warmstart import chat_prompt_ids, left_pad
+from recipe.iib_lpo.demo.warmstart import chat_prompt_ids, left_pad
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,8 @@ def response_log_probs(model, prompts: Sequence[list[int]], responses: Sequence[
 def sampled_accuracy(model, tokenizer, rows: Sequence[dict], n: int, temperature: float, top_p: float,
                      max_new_tokens: int, seed: int, batch_prompts: int = 25) -> dict:
     """Mean reward over ``n`` samples per problem (P@1) and the per-problem means (for paired s.e.)."""
-    from recipe.iib_lpo.reward import compute_score
-    from recipe.iib_lpo.tiny_models import IM_END, PAD_TOKEN
+    from recipe.iib_lpo.reward.score import compute_score
+    from recipe.iib_lpo.demo.tiny_models import IM_END, PAD_TOKEN
 
     eos_id, pad_id = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     torch.manual_seed(seed)
@@ -171,9 +171,9 @@ def sampled_accuracy(model, tokenizer, rows: Sequence[dict], n: int, temperature
 def train(model, tokenizer, train_rows: Sequence[dict], val_rows: Sequence[dict], config: ReferenceConfig,
           log: Callable[[str], None] = print) -> dict:
     """Run the loop on ``model`` in place; returns {config, curve (per step), evals (per eval point)}."""
-    from recipe.iib_lpo.reward import compute_score
-    from recipe.iib_lpo.step_metrics import zero_variance_group_share
-    from recipe.iib_lpo.tiny_models import IM_END, PAD_TOKEN
+    from recipe.iib_lpo.reward.score import compute_score
+    from recipe.iib_lpo.trainer.step_metrics import zero_variance_group_share
+    from recipe.iib_lpo.demo.tiny_models import IM_END, PAD_TOKEN
 
     if len(train_rows) < config.prompts_per_step:
         raise ValueError(f"{len(train_rows)} training problems, fewer than prompts_per_step={config.prompts_per_step}")
@@ -238,7 +238,7 @@ def paired_gain(before: Sequence[float], after: Sequence[float]) -> tuple[float,
     """Mean of after - before over problems and its standard error."""
     if len(before) != len(after) or len(before) < 2:
         raise ValueError("paired_gain needs two equally long lists of >= 2 per-problem values")
-    from recipe.iib_lpo.demo_report import mean_and_stderr
+    from recipe.iib_lpo.demo.report import mean_and_stderr
 
     return mean_and_stderr([b - a for a, b in zip(before, after)])
 
@@ -248,10 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipe.iib_lpo.demo_warmstart import read_problem_rows, training_threads
+    from recipe.iib_lpo.demo.warmstart import read_problem_rows, training_threads
 
     defaults = ReferenceConfig()
-    parser = argparse.ArgumentParser(prog="python -m recipe.iib_lpo.reference_learner", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recipe.iib_lpo.demo.reference_learner", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model folder (e.g. the demo's warm start)")
     parser.add_argument("--train", required=True, help="training parquet (data_prep layout)")
     parser.add_argument("--val", required=True, help="validation parquet (never the held-out split)")

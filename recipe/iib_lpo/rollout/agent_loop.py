@@ -155,12 +155,12 @@ import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
 from verl.utils.profiler import simple_timer
 
-from recipe.iib_lpo.alpha_schedule import LatentSchedule, draw_latent_injection
-from recipe.iib_lpo.branching import FORK_OK, BranchingConfig, ForkDecision, choose_fork_position
-from recipe.iib_lpo.entropy import EntropyConfig, estimate_entropy_from_topk
-from recipe.iib_lpo.ib import IBConfig, IBInputs, TextStats, question_text, score_trajectories, text_stats
-from recipe.iib_lpo.ib_step import ROUNDS_UNSUPPORTED_ESTIMATORS, round_keep_and_survivor, rounds_problems
-from recipe.iib_lpo.latent_service import LatentServiceConfig, get_latent_service_client
+from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule, draw_latent_injection
+from recipe.iib_lpo.algorithm.branching import FORK_OK, BranchingConfig, ForkDecision, choose_fork_position
+from recipe.iib_lpo.algorithm.entropy import EntropyConfig, estimate_entropy_from_topk
+from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, TextStats, question_text, score_trajectories, text_stats
+from recipe.iib_lpo.algorithm.ib_step import ROUNDS_UNSUPPORTED_ESTIMATORS, round_keep_and_survivor, rounds_problems
+from recipe.iib_lpo.latent.service import LatentServiceConfig, get_latent_service_client
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -183,7 +183,7 @@ LATENT_NO_FORK = "no_fork"  # initial rollouts, and branches of a parent too sho
 
 def agent_loop_config_path() -> str:
     """Absolute path of the YAML that registers this loop (``rollout.agent.agent_loop_config_path``)."""
-    return str(Path(__file__).resolve().parent / "config" / "agent_loop.yaml")
+    return str(Path(__file__).resolve().parents[1] / "config" / "agent_loop.yaml")
 
 
 class ParentRolloutError(RuntimeError):
@@ -930,7 +930,7 @@ class BranchingAgentLoop(AgentLoopBase):
         if task is None:
             prefix_text = self.tokenizer.decode(parent.response_ids[: parent.decision.position], skip_special_tokens=True)
             question = _question_text(kwargs)
-            from recipe.iib_lpo.latent_sampler import build_condition_text
+            from recipe.iib_lpo.latent.sampler import build_condition_text
 
             condition = build_condition_text(question, prefix_text)
             client = get_latent_service_client(self.iib.service, sampler_factory=type(self).sampler_factory)
@@ -1190,7 +1190,7 @@ def _make_manager_class():
         (validation groups have ``val_kwargs.n`` sessions and must not be branched).
 
         Select with ``actor_rollout_ref.rollout.agent.agent_loop_manager_class=
-        recipe.iib_lpo.agent_loop.IibLpoAgentLoopManagerTQ``.
+        recipe.iib_lpo.rollout.agent_loop.IibLpoAgentLoopManagerTQ``.
         """
 
         def __init__(self, config, *args, **kwargs):

@@ -13,10 +13,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from recipe.iib_lpo.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig
-from recipe.iib_lpo.ib import IBConfig, list_ib_estimators
-from recipe.iib_lpo.ib_step import rounds_problems
-from recipe.iib_lpo.loss_terms import LossTermsConfig
+from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig
+from recipe.iib_lpo.algorithm.ib import IBConfig, list_ib_estimators
+from recipe.iib_lpo.algorithm.ib_step import rounds_problems
+from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
 
 AGENT_LOOP_NAME = "iib_lpo_branching"
 ROLLOUT_NAME = "iib_lpo_vllm"
@@ -127,7 +127,7 @@ def _latent_problems(config: Any, iib: dict, check_files: bool) -> list[str]:
     elif check_files and not os.path.exists(checkpoint):
         problems.append(f"iib_lpo.latent.service.checkpoint_path={checkpoint} does not exist")
     elif model is not None:
-        from recipe.iib_lpo.cvae import CVAECheckpointError, load_cvae_checkpoint
+        from recipe.iib_lpo.latent.cvae import CVAECheckpointError, load_cvae_checkpoint
 
         try:  # the loader validates the file and compares the projector width with the policy's
             load_cvae_checkpoint(checkpoint, expected_policy_hidden_size=int(model["hidden_size"]))

@@ -53,7 +53,7 @@ import threading
 from collections import Counter
 from typing import Any
 
-from recipe.iib_lpo.answer_checking import (
+from recipe.iib_lpo.reward.answer_checking import (
     DEFAULT_TIMEOUT_S,
     check_equivalence,
     extract_answer,

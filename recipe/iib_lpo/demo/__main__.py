@@ -10,31 +10,16 @@
 5. evaluation of the three models with ``python -m recipe.iib_lpo.eval run`` on held-out problems,
    then ``<out>/report.md`` and ``<out>/plots/*.png`` (``demo_report``).
 
-The stages live in ``demo_pipeline``; nothing is mocked. ``prepare_demo_data`` is the small helper
-the tests and benchmarks use to get demo parquet files.
+The stages live in ``recipe.iib_lpo.demo.pipeline``; nothing is mocked.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-
-def prepare_demo_data(out_dir: Path, num_problems: int, seed: int) -> Path:
-    from data_prep.prepare import main as prepare_main
-
-    data_dir = out_dir / "data"
-    rc = prepare_main(
-        ["--dataset", "demo", "--out", str(data_dir), "--num-problems", str(num_problems), "--seed", str(seed),
-         "--val-size", "0.25"]
-    )
-    if rc != 0:
-        raise SystemExit(f"data preparation failed (exit code {rc})")
-    return data_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recipe.iib_lpo.demo_pipeline import main as pipeline_main
+    from recipe.iib_lpo.demo.pipeline import main as pipeline_main
 
     return pipeline_main(argv)
 

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from recipe.iib_lpo.cpu_run import CPU_ENV, REPO_ROOT, CpuRun, CpuRunSpec, run_cpu_training
-from recipe.iib_lpo.demo_warmstart import WarmStartConfig
+from recipe.iib_lpo.trainer.cpu_run import CPU_ENV, REPO_ROOT, CpuRun, CpuRunSpec, run_cpu_training
+from recipe.iib_lpo.demo.warmstart import WarmStartConfig
 
 ALGORITHMS = ("iib_lpo", "grpo")
 STAGE_FILE = "stage.json"
@@ -243,7 +243,7 @@ def stage_data(plan: DemoPlan, out: Path, con: Console) -> dict:
 
 
 def stage_warm_start(plan: DemoPlan, out: Path, data: dict, con: Console) -> dict:
-    from recipe.iib_lpo.demo_warmstart import build_warm_start
+    from recipe.iib_lpo.demo.warmstart import build_warm_start
 
     folder = out / "warm_start"
     key = {"config": asdict(plan.warm), "train": _file_digest(data["train"]),
@@ -266,7 +266,7 @@ def stage_warm_start(plan: DemoPlan, out: Path, data: dict, con: Console) -> dic
 
 def stage_cvae(plan: DemoPlan, out: Path, data: dict, warm: dict, con: Console) -> dict:
     """``python -m recipe.iib_lpo.train_cvae`` in prefix mode with a tiny offline encoder."""
-    from recipe.iib_lpo.text_encoder import build_tiny_encoder_dir
+    from recipe.iib_lpo.latent.text_encoder import build_tiny_encoder_dir
 
     folder = out / "cvae"
     key = {"rows": plan.cvae_rows, "epochs": plan.cvae_epochs, "latent": plan.cvae_latent_dim,
@@ -291,7 +291,7 @@ def stage_cvae(plan: DemoPlan, out: Path, data: dict, warm: dict, con: Console) 
 
 def run_spec(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cvae: dict | None) -> CpuRunSpec:
     """The trainer run of one algorithm: identical for both except the algorithm's own keys."""
-    from recipe.iib_lpo.tiny_models import latent_placeholder_token_id
+    from recipe.iib_lpo.demo.tiny_models import latent_placeholder_token_id
 
     run_dir = out / "runs" / algo
     overrides = [
@@ -341,7 +341,7 @@ def _step_line(algo: str, m: dict, steps: int) -> str:
 
 def _record_lines(algo: str, m: dict, steps: int) -> list[str]:
     """Terminal lines of one metrics record: the step line and, where verl validated, the validation P@1."""
-    from recipe.iib_lpo.demo_report import validation_series
+    from recipe.iib_lpo.demo.report import validation_series
 
     out = [_step_line(algo, m, steps)] if "critic/score/mean" in m else []
     _, values = validation_series([m])
@@ -509,7 +509,7 @@ def _quiet_libraries() -> None:
 
 def run_demo(plan: DemoPlan, out: Path, fresh: bool = False) -> dict:
     """All stages; returns a summary (also written to ``<out>/summary.json``)."""
-    from recipe.iib_lpo.demo_report import write_report
+    from recipe.iib_lpo.demo.report import write_report
 
     _quiet_libraries()
     out = Path(out).resolve()

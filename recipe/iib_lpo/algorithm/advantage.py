@@ -1,4 +1,5 @@
-"""I2B-LPO advantage (METHOD.md step 7) and its verl registration (``adv_estimator=iib_lpo``).
+"""I2B-LPO advantage (METHOD.md step 7); ``compute_iib_lpo_advantage_verl`` is registered as verl's
+``adv_estimator=iib_lpo`` by ``verl_patches.registrations`` (this module imports no verl).
 
 A(r) = z(r_v) + lambda_ib * z(S_IB), with the z-scores taken over the KEPT members of each
 prompt group (originals + surviving branches of all rounds):
@@ -236,16 +237,3 @@ def compute_iib_lpo_advantage_verl(
         lambda_ib=lambda_ib,
         eps=epsilon,
     )
-
-
-def register_with_verl() -> None:
-    """Register ``compute_iib_lpo_advantage_verl`` as verl advantage estimator ``iib_lpo`` (idempotent).
-
-    Runs on import of this module (verl_patches.registrations imports it via the verl plugin).
-    """
-    from verl.trainer.ppo.core_algos import register_adv_est
-
-    register_adv_est(ADV_ESTIMATOR_NAME)(compute_iib_lpo_advantage_verl)
-
-
-register_with_verl()

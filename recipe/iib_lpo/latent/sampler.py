@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from recipe.iib_lpo.cvae import CONDITION_SCHEMES, LatentCVAE
-from recipe.iib_lpo.latent_reference import latent_token_embedding
-from recipe.iib_lpo.text_encoder import CONDITION_SEPARATOR, split_condition_text
+from recipe.iib_lpo.latent.cvae import CONDITION_SCHEMES, LatentCVAE
+from recipe.iib_lpo.latent.reference import latent_token_embedding
+from recipe.iib_lpo.latent.text_encoder import CONDITION_SEPARATOR, split_condition_text
 
 
 def build_condition_text(question: str, prefix_text: str) -> str:
@@ -85,7 +85,7 @@ class LatentSamples:
 class LatentSampler:
     """Turns fork-point condition texts into latent-token embeddings.
 
-    encoder: a :class:`recipe.iib_lpo.text_encoder.TextEncoder` (anything with ``encode(list[str])
+    encoder: a :class:`recipe.iib_lpo.latent.text_encoder.TextEncoder` (anything with ``encode(list[str])
         -> Tensor[N, embed_dim]`` and ``embed_dim``); cvae: a trained :class:`LatentCVAE`
         (typically from ``load_cvae_checkpoint``); device: where the CVAE runs;
         condition_scheme: what the prior was trained on (the checkpoint's ``condition_scheme``;
@@ -131,8 +131,8 @@ class LatentSampler:
         (validated against the mode by the loader), so the prior is queried as it was trained.
         ``expected_policy_hidden_size`` (the policy's hidden size) is checked against P's width.
         """
-        from recipe.iib_lpo.cvae import load_cvae_checkpoint
-        from recipe.iib_lpo.text_encoder import TextEncoder
+        from recipe.iib_lpo.latent.cvae import load_cvae_checkpoint
+        from recipe.iib_lpo.latent.text_encoder import TextEncoder
 
         cvae, info = load_cvae_checkpoint(
             checkpoint_path, expected_policy_hidden_size=expected_policy_hidden_size, map_location=device

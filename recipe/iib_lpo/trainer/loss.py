@@ -1,9 +1,4 @@
-"""Optional IB regulariser in the policy loss (METHOD.md step 8; off by default).
-
-loss_IB = -lambda_reg * token_mean(A_t * H_t): the term the authors' code added (there called an
-information-bottleneck regulariser, lambda_reg = 0.005). Minimising it raises the policy's
-entropy on tokens of positive-advantage trajectories and lowers it on negative ones.
-``A`` is treated as a constant (detached), the gradient flows through ``H``.
+"""The policy loss with the optional IB regulariser (METHOD.md step 8), as verl's actor runs it.
 
 Aggregation: verl's ``agg_loss`` with ``loss_agg_mode`` (default "token-mean": sum over the
 masked tokens of the micro-batch divided by the number of masked tokens, or by the global
@@ -25,29 +20,13 @@ lambda_reg=...))`` and must set ``actor.calculate_entropy=True`` so the engine c
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["LossTermsConfig", "ib_regularizer_loss", "iib_lpo_ppo_loss"]
+from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig, ib_regularizer_terms
 
-
-@dataclass(frozen=True)
-class LossTermsConfig:
-    """Knobs of the extra loss term (METHOD.md step 8; mirrored in the recipe YAML).
-
-    Attributes:
-        lambda_reg: weight of -token_mean(A * H). Default 0.0 (off): METHOD.md keeps the
-            paper's loss plain PPO-clip; 0.005 is the authors' code value (parity runs).
-    """
-
-    lambda_reg: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.lambda_reg, (int, float)) and math.isfinite(self.lambda_reg) and self.lambda_reg >= 0):
-            raise ValueError(f"LossTermsConfig.lambda_reg must be a finite number >= 0, got {self.lambda_reg!r}")
+__all__ = ["ib_regularizer_loss", "iib_lpo_ppo_loss"]
 
 
 def ib_regularizer_loss(
@@ -70,18 +49,7 @@ def ib_regularizer_loss(
     """
     from verl.trainer.ppo.core_algos import agg_loss
 
-    LossTermsConfig(lambda_reg=lambda_reg)
-    if not (advantages.shape == entropy.shape == response_mask.shape) or entropy.ndim != 2:
-        raise ValueError(
-            "advantages, entropy and response_mask must all be [B, T]; got "
-            f"{tuple(advantages.shape)}, {tuple(entropy.shape)}, {tuple(response_mask.shape)}"
-        )
-    masked = response_mask.to(torch.bool)
-    for name, x in (("advantages", advantages), ("entropy", entropy)):
-        bad = ~torch.isfinite(x) & masked
-        if bool(bad.any()):
-            raise ValueError(f"{name} is NaN/inf at masked position {tuple(torch.nonzero(bad)[0].tolist())}")
-    loss_mat = advantages.detach() * entropy
+    loss_mat = ib_regularizer_terms(advantages, entropy, response_mask, lambda_reg)
     return -float(lambda_reg) * agg_loss(
         loss_mat=loss_mat, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **global_batch_info
     )

@@ -1,6 +1,6 @@
 """How far the latent moves a branch's next-token distribution at the fork, over the latent schedule.
 
-    python -m recipe.iib_lpo.measure_latent_kl [--num-prompts 32] [--num-latents 8] [--out DIR]
+    python -m recipe.iib_lpo.demo.measure_latent_kl [--num-prompts 32] [--num-latents 8] [--out DIR]
 
 For each of ``--num-prompts`` demo problems (data_prep.demo) the tiny random Qwen2
 (tiny_models) samples a response; the fork point t* is chosen from its exact entropies with the
@@ -44,7 +44,7 @@ def old_cosine_alpha(step: int, total_steps: int) -> float:
 
 def next_token_logprobs(model, context_ids: list[int], latent: torch.Tensor | None) -> torch.Tensor:
     """log p(next token | context [+ latent token]) [V], from the reference forward pass."""
-    from recipe.iib_lpo.latent_reference import continuation_logits
+    from recipe.iib_lpo.latent.reference import continuation_logits
 
     # The logits row of the first continuation token depends only on what precedes it, so any
     # token id works as the dummy continuation.
@@ -62,9 +62,9 @@ def fork_points(
 ) -> list[tuple[str, list[int], list[int]]]:
     """(question, prompt ids, prefix r[:t*]) per question: a sampled response cut at its fork point."""
     from data_prep.prompt_template import build_chat_prompt
-    from recipe.iib_lpo.branching import BranchingConfig, choose_fork_position
-    from recipe.iib_lpo.entropy import entropy_from_logits
-    from recipe.iib_lpo.latent_reference import continuation_logits, generate_with_latent
+    from recipe.iib_lpo.algorithm.branching import BranchingConfig, choose_fork_position
+    from recipe.iib_lpo.algorithm.entropy import entropy_from_logits
+    from recipe.iib_lpo.latent.reference import continuation_logits, generate_with_latent
 
     generator = torch.Generator().manual_seed(seed)
     out = []
@@ -89,12 +89,12 @@ def measure(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_prep.demo import make_demo_problems
-    from recipe.iib_lpo.agent_loop import derived_seed
-    from recipe.iib_lpo.alpha_schedule import LatentSchedule, draw_latent_injection
-    from recipe.iib_lpo.cvae import CVAEConfig, LatentCVAE
-    from recipe.iib_lpo.latent_sampler import LatentSampler, build_condition_text
-    from recipe.iib_lpo.text_encoder import TextEncoder, build_tiny_encoder_dir
-    from recipe.iib_lpo.tiny_models import build_tiny_model_dir
+    from recipe.iib_lpo.rollout.agent_loop import derived_seed
+    from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule, draw_latent_injection
+    from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE
+    from recipe.iib_lpo.latent.sampler import LatentSampler, build_condition_text
+    from recipe.iib_lpo.latent.text_encoder import TextEncoder, build_tiny_encoder_dir
+    from recipe.iib_lpo.demo.tiny_models import build_tiny_model_dir
 
     out_dir = Path(args.out)
     model_dir = build_tiny_model_dir(out_dir / "tiny_qwen2", family="qwen2", seed=args.seed)

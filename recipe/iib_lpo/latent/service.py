@@ -255,7 +255,7 @@ class BatchingLatentService:
 
 def build_sampler_from_config(config: LatentServiceConfig, expected_policy_hidden_size: int | None = None):
     """``LatentSampler.from_checkpoint`` with the service's device/dtype knobs."""
-    from recipe.iib_lpo.latent_sampler import LatentSampler
+    from recipe.iib_lpo.latent.sampler import LatentSampler
 
     if not config.checkpoint_path:
         raise ValueError("iib_lpo.latent.service.checkpoint_path is required for latent.mode=cvae (a train_cvae checkpoint)")

@@ -10,7 +10,7 @@ launched through the same entry point) it behaves exactly like ``PPOTrainerSync`
   the kept group (``ib_step.iib_lpo_step``); dropped rows get advantage 0 and zero
   ``response_mask`` AND ``loss_mask`` (the engine's token-mean denominator is
   ``loss_mask.sum()``), so they add nothing to the loss.
-- ``on_init_end``: installs ``loss_terms.iib_lpo_ppo_loss`` when ``iib_lpo.loss_terms.lambda_reg > 0``.
+- ``on_init_end``: installs ``trainer.loss.iib_lpo_ppo_loss`` when ``iib_lpo.loss_terms.lambda_reg > 0``.
 - ``_save_checkpoint`` / ``_load_checkpoint``: the recipe's state (``recipe_state``) is saved
   beside verl's and checked on resume, so step k+1 after a resume gets the same alpha/probability
   schedule and seeds as without the interruption.
@@ -37,11 +37,11 @@ from verl.trainer.ppo.rollout_corr_helper import (
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
-from recipe.iib_lpo.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig, group_zscore
-from recipe.iib_lpo.ib import IBConfig, IBInputs, TextStats, question_text, text_stats
-from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step, row_kind, row_role
-from recipe.iib_lpo.loss_terms import LossTermsConfig
-from recipe.iib_lpo.step_metrics import iib_lpo_step_metrics
+from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig, group_zscore
+from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, TextStats, question_text, text_stats
+from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step, row_kind, row_role
+from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
+from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class IibLpoTrainer(PPOTrainerSync):
         if lambda_reg > 0:
             from verl.utils.config import omega_conf_to_dataclass
 
-            from recipe.iib_lpo.loss_terms import iib_lpo_ppo_loss
+            from recipe.iib_lpo.trainer.loss import iib_lpo_ppo_loss
 
             actor_config = omega_conf_to_dataclass(self.config.actor_rollout_ref.actor)
             self.actor_rollout_wg.set_loss_fn(partial(iib_lpo_ppo_loss, actor_config, lambda_reg=lambda_reg))
@@ -212,7 +212,7 @@ class IibLpoTrainer(PPOTrainerSync):
     @staticmethod
     def _zero_variance_groups(batch) -> float:
         """``step_metrics.zero_variance_group_share`` of verl's rewards, grouped by prompt uid (all algorithms)."""
-        from recipe.iib_lpo.step_metrics import zero_variance_group_share
+        from recipe.iib_lpo.trainer.step_metrics import zero_variance_group_share
 
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["uid", "rm_scores"])
         rewards = [float(r.sum()) for r in data["rm_scores"].unbind(0)]
@@ -249,7 +249,7 @@ class IibLpoTrainer(PPOTrainerSync):
         too short to fork carry 0.0 whatever the schedule, and whether a parent is too short depends
         on what was sampled, so they are left out.
         """
-        from recipe.iib_lpo.agent_loop import prompt_seed_key
+        from recipe.iib_lpo.rollout.agent_loop import prompt_seed_key
 
         keys = sorted({prompt_seed_key({"uid": u, "data_source": d, "extra_info": x})
                        for u, d, x in zip(rows["uid"], rows["data_source"], rows["extra_info"], strict=True)})

@@ -473,7 +473,7 @@ def write_report(plan, out: Path, ctx: dict, timings: dict) -> dict:
     "verdict": sentence or None, "summary": ``build_summary``'s dict} (model paths from
     ``ctx["eval_models"]`` when present; validation: per algorithm with validation metrics
     {"steps", "p_at_1"} of ``validation_series``, None when no run has any)."""
-    from recipe.iib_lpo.cpu_run import CpuRun
+    from recipe.iib_lpo.trainer.cpu_run import CpuRun
 
     all_rows = {algo: ctx[algo]["run"].metrics() for algo in plan.algos}
     runs = {algo: _training_rows(rows) for algo, rows in all_rows.items()}

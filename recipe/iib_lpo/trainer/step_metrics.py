@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from recipe.iib_lpo.ib_step import ROW_BRANCH, ROW_INITIAL, RowRole
+from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_INITIAL, RowRole
 
 PREFIX = "iib_lpo/"
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from recipe.iib_lpo.tiny_models import CHAT_TEMPLATE, IM_END, IM_START, LATENT_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from recipe.iib_lpo.demo.tiny_models import CHAT_TEMPLATE, IM_END, IM_START, LATENT_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def build_demo_model(tokenizer, config: WarmStartConfig):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from recipe.iib_lpo.tiny_models import tiny_model_config
+    from recipe.iib_lpo.demo.tiny_models import tiny_model_config
 
     hf_config = tiny_model_config("qwen2", vocab_size=len(tokenizer), eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
                                   pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN), max_position_embeddings=1024,
@@ -247,7 +247,7 @@ def greedy_accuracy(model, tokenizer, rows: Sequence[dict], max_new_tokens: int 
     """Greedy decoding of ``rows`` with transformers, scored by the recipe's reward."""
     import torch
 
-    from recipe.iib_lpo.reward import compute_score
+    from recipe.iib_lpo.reward.score import compute_score
 
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
