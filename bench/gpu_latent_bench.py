@@ -11,14 +11,14 @@ Sections (each writes its figures and its peak memory into one JSON; ``--section
 
 1. ``precision`` -- a Qwen2.5-7B-shaped model (28 layers, hidden 3584, GQA 28/4, vocab 152064) in
    fp32 and a bf16 copy of the same weights. A continuation is sampled by the fp32 model after
-   context + latent token (``latent_reference.generate_with_latent``, latent = P(z) of a random
-   CVAE projector, z ~ N(0, I)), then scored by both with ``latent_reference.score_continuation``:
+   context + latent token (``latent.reference.generate_with_latent``, latent = P(z) of a random
+   CVAE projector, z ~ N(0, I)), then scored by both with ``latent.reference.score_continuation``:
    |log p_bf16 - log p_fp32| per token (max / mean / p99) and KL(fp32 || bf16) of the next-token
    distributions, with the latent and, for comparison, for the same tokens without it; plus the
    latent's own effect in fp32 (|log p with - without|) as the scale the precision error is
    compared with.
 2. ``generation`` -- bf16 decoding throughput of K branches of one shared context with and without
-   the latent token (``latent_reference.generate_with_latents_batched``: context prefill once, then
+   the latent token (``latent.reference.generate_with_latents_batched``: context prefill once, then
    one batched latent step, then decoding), and the forward passes / positions each variant runs
    (counted with a forward hook): the latent adds exactly one position per branch.
 3. ``encoder`` -- encoder + prior throughput at the rollout's batch sizes (fork points per latent

@@ -16,7 +16,7 @@ drawn from, so that is where the policy hesitated and where a different choice i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,8 @@ import torch
 __all__ = [
     "BranchingConfig",
     "ForkDecision",
+    "ForkRule",
+    "FORK_RULES",
     "NO_FORK_TOO_SHORT",
     "FORK_OK",
     "candidate_positions",
@@ -33,7 +35,34 @@ __all__ = [
 
 FORK_OK = "ok"
 NO_FORK_TOO_SHORT = "too_short"
-_STRATEGIES = ("uniform", "argmax")
+
+
+@dataclass(frozen=True)
+class ForkRule:
+    """How t* is picked from Omega (positions sorted by descending entropy, ties: earlier first).
+
+    ``pick(omega, generator)`` returns one element of the non-empty ``omega``; ``generator`` is a
+    ``torch.Generator`` when ``random`` is True (callers must then pass a seed or generator) and
+    None otherwise. A new fork rule is one entry in ``FORK_RULES``; ``BranchingConfig.strategy``
+    selects it by name.
+    """
+
+    pick: Callable[[tuple[int, ...], torch.Generator | None], int]
+    random: bool
+
+
+def _pick_uniform(omega: tuple[int, ...], generator: torch.Generator | None) -> int:
+    return omega[int(torch.randint(len(omega), (1,), generator=generator).item())]
+
+
+def _pick_argmax(omega: tuple[int, ...], generator: torch.Generator | None) -> int:
+    return omega[0]
+
+
+FORK_RULES: dict[str, ForkRule] = {
+    "uniform": ForkRule(_pick_uniform, random=True),  # the paper: t* ~ Uniform(Omega)
+    "argmax": ForkRule(_pick_argmax, random=False),  # the authors' code: the highest-entropy position
+}
 
 
 @dataclass(frozen=True)
@@ -69,8 +98,13 @@ class BranchingConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"BranchingConfig.{name} must be a non-negative int, got {value!r}")
-        if self.strategy not in _STRATEGIES:
-            raise ValueError(f"BranchingConfig.strategy must be one of {_STRATEGIES}, got {self.strategy!r}")
+        if self.strategy not in FORK_RULES:
+            raise ValueError(f"BranchingConfig.strategy must be one of {tuple(FORK_RULES)}, got {self.strategy!r}")
+
+    @property
+    def needs_seed(self) -> bool:
+        """True when the strategy draws t* at random (a seed or generator must be passed)."""
+        return FORK_RULES[self.strategy].random
 
 
 @dataclass(frozen=True)
@@ -113,6 +147,11 @@ def _as_entropy_vector(entropies: torch.Tensor | Sequence[float]) -> torch.Tenso
     if bool(neg.any()):
         raise ValueError(f"entropy is negative at response position(s) {torch.nonzero(neg).flatten().tolist()[:10]}")
     return vec
+
+
+def _check_randomness(config: BranchingConfig, generator: torch.Generator | None, seed: int | None) -> None:
+    if config.needs_seed and (generator is None) == (seed is None):
+        raise ValueError(f"strategy={config.strategy!r} needs exactly one of generator= or seed= (reproducible draws)")
 
 
 def candidate_positions(entropies: torch.Tensor | Sequence[float], config: BranchingConfig) -> tuple[int, ...]:
@@ -158,18 +197,14 @@ def choose_fork_position(
             missing/duplicated randomness for the uniform strategy.
     """
     vec = _as_entropy_vector(entropies)
-    if config.strategy == "uniform" and (generator is None) == (seed is None):
-        raise ValueError("strategy='uniform' needs exactly one of generator= or seed= (reproducible draws)")
+    _check_randomness(config, generator, seed)
     omega = candidate_positions(vec, config)
     if not omega:
         return ForkDecision(position=None, entropy=None, reason=NO_FORK_TOO_SHORT, num_tokens=int(vec.shape[0]))
-    if config.strategy == "argmax":
-        position = omega[0]
-    else:
-        gen = generator
-        if gen is None:
-            gen = torch.Generator().manual_seed(int(seed))
-        position = omega[int(torch.randint(len(omega), (1,), generator=gen).item())]
+    gen = None
+    if config.needs_seed:
+        gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    position = FORK_RULES[config.strategy].pick(omega, gen)
     return ForkDecision(
         position=position,
         entropy=float(vec[position]),
@@ -196,8 +231,7 @@ def choose_fork_positions(
         seed / generator: one shared generator (created from ``seed``) is advanced row by
             row, so the result depends only on the seed and the inputs, not on batching.
     """
-    if config.strategy == "uniform" and (generator is None) == (seed is None):
-        raise ValueError("strategy='uniform' needs exactly one of generator= or seed= (reproducible draws)")
+    _check_randomness(config, generator, seed)
     if isinstance(entropies, torch.Tensor):
         if entropies.ndim != 2:
             raise ValueError(f"a tensor of entropies must be [B, T], got shape {tuple(entropies.shape)}")
@@ -220,7 +254,7 @@ def choose_fork_positions(
     decisions = []
     for i, row in enumerate(rows):
         try:
-            decisions.append(choose_fork_position(row, config, generator=gen if config.strategy == "uniform" else None))
+            decisions.append(choose_fork_position(row, config, generator=gen if config.needs_seed else None))
         except ValueError as err:
             raise ValueError(f"response {i}: {err}") from err
     return decisions

@@ -2,9 +2,9 @@
 evaluation of all three on a held-out split -> report and plots.
 
 Every stage runs what a user would run: ``data_prep.prepare``, ``python -m recipe.iib_lpo.train_cvae``,
-``python -m recipe.iib_lpo.main +profile=cpu`` (through ``cpu_run.run_cpu_training``) and
+``python -m recipe.iib_lpo.main +profile=cpu`` (through ``trainer.cpu_run.run_cpu_training``) and
 ``python -m recipe.iib_lpo.eval run``; only the warm start is an in-process loop
-(``demo_warmstart``). Output of the engines, Ray and the CLIs goes to ``<out>/logs/`` (the trainer
+(``demo.warmstart``). Output of the engines, Ray and the CLIs goes to ``<out>/logs/`` (the trainer
 runs' to ``<out>/runs/<algo>/train.log``); the terminal gets one line per training step.
 
 Caching: every stage writes ``stage.json`` with the settings it was built from into its folder and

@@ -34,7 +34,7 @@ from recipe.iib_lpo.demo.warmstart import chat_prompt_ids, left_pad
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """One reference run; defaults follow the CPU demo's RL settings (``demo_pipeline.DemoPlan``)."""
+    """One reference run; defaults follow the CPU demo's RL settings (``demo.pipeline.DemoPlan``)."""
 
     steps: int = 40
     prompts_per_step: int = 8

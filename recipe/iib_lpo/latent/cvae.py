@@ -21,7 +21,7 @@ trained on, and therefore how the rollout must query it. ``prefix`` and ``lm`` t
 ``build_condition_text(question, solution prefix)`` -> scheme ``"question_prefix"``: the rollout
 queries it with question + response prefix r_i[:t*]. ``lars`` (paper-code parity) trains it on
 the question alone -> scheme ``"question"``: the rollout queries it with the question alone (the
-sampler drops the prefix through ``latent_sampler.prior_condition_text``, the function training
+sampler drops the prefix through ``latent.sampler.prior_condition_text``, the function training
 applies too), so a lars prior gives every fork point of a prompt the same latent distribution,
 as in the paper's code, instead of being queried with texts it never saw. The scheme follows
 from the mode (:data:`MODE_CONDITION_SCHEME`); the loader refuses a header where they disagree.

@@ -9,7 +9,7 @@ special tokens included.
 Truncation (decision). Two kinds of text are encoded, and they are cut differently:
 
 * **Condition texts** (question + response prefix, built by
-  ``latent_sampler.build_condition_text``, which joins the two parts with
+  ``latent.sampler.build_condition_text``, which joins the two parts with
   :data:`CONDITION_SEPARATOR`): the question and the prefix are tokenized separately; the
   question is always kept (only its first tokens, if it alone exceeds the limit), and the
   remaining budget holds the *end* of the prefix, the text closest to the fork point. Cutting the
