@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from recipe.iib_lpo.reward.answer_checking import extract_answer_detailed
+from recipe.iib_lpo.reward.extraction import extract_answer_detailed
 
 
 class BadRowError(ValueError):

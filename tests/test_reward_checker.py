@@ -11,6 +11,9 @@ import time
 import pytest
 
 from recipe.iib_lpo.reward import answer_checking as ac
+from recipe.iib_lpo.reward import extraction as ex
+from recipe.iib_lpo.reward import normalization as norm
+from recipe.iib_lpo.reward import verifier_pool as vp
 from recipe.iib_lpo.reward.score import (
     answers_equivalent,
     compute_score,
@@ -22,9 +25,9 @@ from recipe.iib_lpo.reward.score import (
 
 @pytest.fixture(scope="module")
 def verifier():
-    ac.warm_up_verifier()
+    vp.warm_up_verifier()
     yield
-    ac.shutdown_verifier()
+    vp.shutdown_verifier()
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,13 +67,13 @@ def test_extract_answer(text, expected):
 
 
 def test_extraction_reasons():
-    assert ac.extract_answer_detailed("\\boxed{" + "1" * (ac.MAX_ANSWER_CHARS + 5) + "}").reason == "answer_too_long"
-    assert ac.extract_answer_detailed("\\boxed{" + "{" * 100 + "}" * 100 + "}").reason == "answer_too_deep"
-    assert ac.extract_answer_detailed("\\boxed{3").reason == "unterminated_box"
-    assert ac.extract_answer_detailed("nothing").reason == "no_answer"
-    assert ac.extract_answer_detailed(None).reason == "bad_input_type"
-    assert ac.extract_answer_detailed("#### 5").source == "gsm8k_hashes"
-    prose = ac.extract_answer_detailed("Answer: see above")
+    assert ex.extract_answer_detailed("\\boxed{" + "1" * (norm.MAX_ANSWER_CHARS + 5) + "}").reason == "answer_too_long"
+    assert ex.extract_answer_detailed("\\boxed{" + "{" * 100 + "}" * 100 + "}").reason == "answer_too_deep"
+    assert ex.extract_answer_detailed("\\boxed{3").reason == "unterminated_box"
+    assert ex.extract_answer_detailed("nothing").reason == "no_answer"
+    assert ex.extract_answer_detailed(None).reason == "bad_input_type"
+    assert ex.extract_answer_detailed("#### 5").source == "gsm8k_hashes"
+    prose = ex.extract_answer_detailed("Answer: see above")
     assert (prose.answer, prose.reason, prose.source) == (None, "unparseable_answer", "answer_line")
 
 
@@ -189,19 +192,19 @@ def test_fast_paths_decide_without_verifier(monkeypatch):
     def no_pool():
         raise AssertionError("verifier used for a plain-number comparison")
 
-    monkeypatch.setattr(ac, "_pool", no_pool)
-    assert ac.check_equivalence("\\frac{3}{6}", "0.5") == ac.CheckResult(True, "exact_number")
-    assert ac.check_equivalence("1,000", "1000") == ac.CheckResult(True, "exact_string")
-    assert ac.check_equivalence("0.333", "\\frac13") == ac.CheckResult(False, "exact_number")
+    monkeypatch.setattr(vp, "_pool", no_pool)
+    assert ac.check_equivalence("\\frac{3}{6}", "0.5") == vp.CheckResult(True, "exact_number")
+    assert ac.check_equivalence("1,000", "1000") == vp.CheckResult(True, "exact_string")
+    assert ac.check_equivalence("0.333", "\\frac13") == vp.CheckResult(False, "exact_number")
 
 
 def test_normalize_answer_details():
-    n = ac.normalize_answer("$\\left( 1,\\! 2 \\right)$")
+    n = norm.normalize_answer("$\\left( 1,\\! 2 \\right)$")
     assert n.key == "(1,2)" and n.number is None and not n.percent
-    n = ac.normalize_answer("12.5\\%")
-    assert n.percent and n.number == ac.Fraction(25, 2)
+    n = norm.normalize_answer("12.5\\%")
+    assert n.percent and n.number == norm.Fraction(25, 2)
     # units are only dropped after a number: a text answer keeps its words
-    assert ac.normalize_answer("\\text{no solution}").key == "nosolution"
+    assert norm.normalize_answer("\\text{no solution}").key == "nosolution"
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ def test_result_keys_and_types_are_stable(verifier):
 # --------------------------------------------------------------------------------------------
 def _adversarial_inputs(marker: str) -> list[tuple[str, str]]:
     code = f"__import__('os').system('touch {marker}')"
-    depth = ac.MAX_BRACE_DEPTH
+    depth = norm.MAX_BRACE_DEPTH
     return [
         ("python in a box", "\\boxed{" + code + "}"),
         ("python on an answer line", "Answer: " + code),
@@ -329,12 +332,12 @@ def test_correct_answer_after_1mb_of_text_is_found_quickly(verifier):
 
 def test_exponent_tower_times_out_softly_and_keeps_the_process(verifier):
     """``9^{9^{9}}`` makes sympy evaluate for minutes; the soft limit stops it, no restart."""
-    pool = ac._pool()
+    pool = vp._pool()
     before = {p.proc.pid for p in pool._all}
     start = time.perf_counter()
     result = ac.check_equivalence("9^{9^{9}}", "1", timeout_s=1.0)
     elapsed = time.perf_counter() - start
-    assert result == ac.CheckResult(False, "timeout")
+    assert result == vp.CheckResult(False, "timeout")
     assert elapsed < 2.0
     assert {p.proc.pid for p in pool._all} & before, "the soft timeout should not kill the process"
     assert answers_equivalent("\\sqrt{4}", "2")  # still working
@@ -350,19 +353,19 @@ def test_hard_timeout_kills_a_stuck_verifier(monkeypatch):
         "import signal, sys, time; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM}); "
         "sys.stdout.write('{\"ready\": true}\\n'); sys.stdout.flush(); sys.stdin.readline(); time.sleep(600)"
     )
-    monkeypatch.setattr(ac, "_WORKER_BOOT", stuck_worker)
-    pool = ac._VerifierPool(1)
+    monkeypatch.setattr(vp, "_WORKER_BOOT", stuck_worker)
+    pool = vp._VerifierPool(1)
     start = time.perf_counter()
     result = pool.check("\\sqrt{2}", "2", timeout_s=0.5)
     elapsed = time.perf_counter() - start
-    assert result == ac.CheckResult(False, "timeout")
+    assert result == vp.CheckResult(False, "timeout")
     assert 0.5 <= elapsed < 3.0
     assert pool._all == set() and pool._idle == []  # the stuck process was killed, not reused
     pool.close()
 
 
 def test_crashed_verifier_is_replaced(verifier):
-    pool = ac._pool()
+    pool = vp._pool()
     for proc in list(pool._all):
         proc.proc.kill()
         proc.proc.wait()
@@ -377,7 +380,7 @@ def test_guard_blocks_sympify_of_code_in_the_verifier(tmp_path):
     marker = tmp_path / "PWNED"
     script = f"""
 import runpy, sys
-ns = runpy.run_path({ac.__file__!r}, run_name="not_the_worker")
+ns = runpy.run_path({vp.__file__!r}, run_name="not_the_worker")
 state = {{"blocked": False}}
 import sympy.physics.units
 ns["_install_eval_guard"](state)
@@ -402,14 +405,14 @@ def test_normalisation_is_fast_on_worst_case_strings(text):
     """The in-process string work (regexes included) has no super-linear blow-up at the caps."""
     start = time.perf_counter()
     for _ in range(10):
-        ac.normalize_answer(text)
+        norm.normalize_answer(text)
         ac._looks_like_text(text)
         ac._input_problem(text)
     assert time.perf_counter() - start < 0.5
 
 
 def test_input_caps():
-    assert ac.check_equivalence("1" * (ac.MAX_ANSWER_CHARS + 1), "1").reason == "answer_too_long"
+    assert ac.check_equivalence("1" * (norm.MAX_ANSWER_CHARS + 1), "1").reason == "answer_too_long"
     assert ac.check_equivalence("1", "{" * 50 + "}" * 50).reason == "gold_too_deep"
     assert ac.check_equivalence("\\frac{1}{2", "1").reason == "answer_unbalanced"
     assert ac.check_equivalence(None, "1").reason == "bad_input_type"

@@ -17,14 +17,17 @@ import time
 import pytest
 
 from recipe.iib_lpo.reward import answer_checking as ac
+from recipe.iib_lpo.reward import extraction as ex
+from recipe.iib_lpo.reward import normalization as norm
+from recipe.iib_lpo.reward import verifier_pool as vp
 from recipe.iib_lpo.reward.score import compute_score, extract_answer
 
 
 @pytest.fixture(scope="module")
 def verifier():
-    ac.warm_up_verifier()
+    vp.warm_up_verifier()
     yield
-    ac.shutdown_verifier()
+    vp.shutdown_verifier()
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +124,7 @@ def test_constants_are_not_units(verifier, pred, gold, expected):
     ],
 )
 def test_normalised_form(answer, latex):
-    assert ac.normalize_answer(answer).latex == latex
+    assert norm.normalize_answer(answer).latex == latex
 
 
 @pytest.mark.parametrize(
@@ -173,7 +176,7 @@ NON_ANSWERS = [
 
 @pytest.mark.parametrize("text", NON_ANSWERS)
 def test_fallback_rejects_prose(text):
-    found = ac.extract_answer_detailed(text)
+    found = ex.extract_answer_detailed(text)
     assert found.answer is None
     assert found.reason in ("unparseable_answer", "empty_answer")
     if text.strip() != "####":
@@ -245,9 +248,9 @@ def test_new_rules_are_fast_on_worst_case_strings(text):
     """The constant rewrites and the prose check stay linear-ish at the answer cap."""
     start = time.perf_counter()
     for _ in range(10):
-        ac.normalize_answer(text)
-        ac._is_math_line_answer(text)
-        ac.extract_answer_detailed("The answer is " + text)
+        norm.normalize_answer(text)
+        ex._is_math_line_answer(text)
+        ex.extract_answer_detailed("The answer is " + text)
     assert time.perf_counter() - start < 0.5
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from recipe.iib_lpo.reward import answer_checking as ac
+from recipe.iib_lpo.reward import verifier_pool as vp
 from recipe.iib_lpo.reward.score import compute_score
 
-REWARD_FILE = Path(ac.__file__).with_name("reward.py")
+REWARD_FILE = Path(ac.__file__).with_name("score.py")
 
 # (response, gold, expected acc); the symbolic rows need the verifier process.
 MIXED_BATCH = [
@@ -77,7 +78,7 @@ def test_concurrent_threads_match_expected():
     with ThreadPoolExecutor(max_workers=8) as pool:
         outs = list(pool.map(lambda row: compute_score("math", row[0], row[1]), batch))
     assert [o["acc"] for o in outs] == [row[2] for row in batch]
-    assert len(ac._pool()._all) <= ac._pool().max_procs
+    assert len(vp._pool()._all) <= vp._pool().max_procs
 
 
 def test_script_without_main_guard(tmp_path):
@@ -87,11 +88,11 @@ def test_script_without_main_guard(tmp_path):
         textwrap.dedent(
             f"""
             import json
-            from recipe.iib_lpo.reward import answer_checking
+            from recipe.iib_lpo.reward import verifier_pool
             from recipe.iib_lpo.reward.score import compute_score
             rows = {[(r, g) for r, g, _ in MIXED_BATCH]!r}
             scores = [compute_score("math", r, g)["score"] for r, g in rows]
-            pids = [p.proc.pid for p in answer_checking._pool()._all]
+            pids = [p.proc.pid for p in verifier_pool._pool()._all]
             print(json.dumps({{"scores": scores, "verifier_pids": pids}}))
             """
         )
@@ -113,15 +114,15 @@ def test_forked_child_gets_its_own_verifier(tmp_path):
         textwrap.dedent(
             """
             import json, multiprocessing
-            from recipe.iib_lpo.reward import answer_checking
+            from recipe.iib_lpo.reward import verifier_pool
             from recipe.iib_lpo.reward.score import compute_score
 
             def child(q):
                 r = compute_score("m", "\\\\boxed{\\\\sqrt{12}}", "2\\\\sqrt3")
-                q.put((r["acc"], [p.proc.pid for p in answer_checking._pool()._all]))
+                q.put((r["acc"], [p.proc.pid for p in verifier_pool._pool()._all]))
 
             parent_first = compute_score("m", "\\\\boxed{\\\\sqrt{8}}", "2\\\\sqrt2")["acc"]
-            parent_pids = [p.proc.pid for p in answer_checking._pool()._all]
+            parent_pids = [p.proc.pid for p in verifier_pool._pool()._all]
             ctx = multiprocessing.get_context("fork")
             q = ctx.Queue()
             proc = ctx.Process(target=child, args=(q,))

@@ -1,5 +1,6 @@
 """The verifiable reward r_v (METHOD.md step 5): ``score.compute_score`` is verl's custom reward
-function, ``answer_checking`` extracts and compares answers.
+function; ``extraction``, ``normalization``, ``answer_checking`` and ``verifier_pool`` extract
+and compare answers.
 
 ``reward.custom_reward_function.path=pkg://recipe.iib_lpo.reward`` (name ``compute_score``) is
 the documented config path, so the package exports that one function.

@@ -14,7 +14,7 @@ Note that ``reward.reward_kwargs`` (used by verl's DAPO manager for the overlong
 passed to the reward function; ``reward.custom_reward_function.reward_kwargs`` is.
 
 verl's reward managers call this function through ``loop.run_in_executor`` (a worker thread of a
-Ray actor). Everything below is thread-safe and bounded in time; see answer_checking.py for how.
+Ray actor). Everything below is thread-safe and bounded in time; see verifier_pool.py for how.
 
 What is scored (the contract; model output is never evaluated):
 
@@ -53,14 +53,9 @@ import threading
 from collections import Counter
 from typing import Any
 
-from recipe.iib_lpo.reward.answer_checking import (
-    DEFAULT_TIMEOUT_S,
-    check_equivalence,
-    extract_answer,
-    extract_answer_detailed,
-    answers_equivalent,
-    warm_up_verifier,
-)
+from recipe.iib_lpo.reward.answer_checking import DEFAULT_TIMEOUT_S, answers_equivalent, check_equivalence
+from recipe.iib_lpo.reward.extraction import extract_answer, extract_answer_detailed
+from recipe.iib_lpo.reward.verifier_pool import warm_up_verifier
 
 __all__ = [
     "compute_score",
@@ -141,7 +136,7 @@ def compute_score(
         same for every call (verl stacks them across the batch into ``reward_extra_info``).
         ``reason`` is ``correct``/``wrong`` for a completed check, otherwise why the response
         could not be checked (``no_answer``, ``unparseable_answer``, ``answer_too_long``,
-        ``timeout``, ...; see the module docstring and answer_checking.CheckResult).
+        ``timeout``, ...; see the module docstring and verifier_pool.CheckResult).
         Non-routine reasons are logged.
     """
     if reward_style not in REWARD_STYLES:
