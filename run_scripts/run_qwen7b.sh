@@ -80,7 +80,7 @@ ALGO_OVERRIDES=(
   # rollout: the branching agent loop on the recipe's vLLM server (top-k log-probs, latent token)
   actor_rollout_ref.rollout.name=iib_lpo_vllm
   actor_rollout_ref.rollout.agent.default_agent_loop=iib_lpo_branching
-  actor_rollout_ref.rollout.agent.agent_loop_manager_class=recipe.iib_lpo.rollout.agent_loop.IibLpoAgentLoopManagerTQ
+  actor_rollout_ref.rollout.agent.agent_loop_manager_class=recipe.iib_lpo.rollout.manager.IibLpoAgentLoopManagerTQ
   # policy loss: verl's PPO clip, the authors' settings (no KL, clip 0.2 / 0.2, token mean)
   actor_rollout_ref.actor.use_kl_loss=false
   actor_rollout_ref.actor.clip_ratio=0.2

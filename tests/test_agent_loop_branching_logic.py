@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from recipe.iib_lpo.rollout import agent_loop as al
+from recipe.iib_lpo.rollout import manager
+from recipe.iib_lpo.rollout.agent_loop import BranchingAgentLoop
+from recipe.iib_lpo.rollout.config import BranchingRolloutConfig
+from recipe.iib_lpo.rollout.layout import assemble_branch_trajectory, check_group_layout, session_role
+from recipe.iib_lpo.rollout.rounds import ParentRolloutError
+from recipe.iib_lpo.rollout.seeds import derived_seed
+from recipe.iib_lpo.rollout.server_output import TOPK_LOGPROBS_FIELD
 from recipe.iib_lpo.algorithm.branching import BranchingConfig, choose_fork_position
 from recipe.iib_lpo.algorithm.entropy import estimate_entropy_from_topk
 from recipe.iib_lpo.algorithm.ib import TextStats, text_stats
@@ -77,14 +83,14 @@ class FakeServer:
         seed = sampling_params.get("seed")
         key = (seed if seed is not None else 0, tuple(prompt_ids),
                None if image_data is None else round(float(image_data.sum()), 5))
-        rng = np.random.default_rng(abs(hash(key)) % (2**32) if seed is None else al.derived_seed(*key) % (2**32))
+        rng = np.random.default_rng(abs(hash(key)) % (2**32) if seed is None else derived_seed(*key) % (2**32))
         n = 3 if (self.short and is_initial) else min(self.response_tokens, sampling_params["max_tokens"])
         tokens = [int(x) for x in rng.integers(4, self.vocab, size=n)]
         logprobs = [float(x) for x in -rng.uniform(0.1, 3.0, size=n)]
         call["returned"] = tokens
         extra = {"global_steps": 5, "min_global_steps": 5, "max_global_steps": 5, "num_cached_tokens": 0}
         if num_topk_logprobs:
-            extra[al.TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab, SPIKE, self.tail_at_kth)[:, :num_topk_logprobs]
+            extra[TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab, SPIKE, self.tail_at_kth)[:, :num_topk_logprobs]
         return TokenOutput(token_ids=tokens, log_probs=logprobs, stop_reason="completed", extra_fields=extra)
 
 
@@ -137,7 +143,7 @@ async def _run_group(config, tokenizer, server, sampler, sessions=None, uid="u1"
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    al.BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler)
+    BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler)
     n = config.actor_rollout_ref.rollout.n
     sessions = range(n) if sessions is None else sessions
     # data_source and extra_info.index: the row fields the loop keys its seeds on, as data_prep writes them
@@ -149,7 +155,7 @@ async def _run_group(config, tokenizer, server, sampler, sessions=None, uid="u1"
         kwargs.pop(key, None)
 
     async def one(session_id):
-        loop = al.BranchingAgentLoop(
+        loop = BranchingAgentLoop(
             trainer_config=DictConfigWrap(config), server_manager=server, tokenizer=tokenizer, processor=None,
             dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), hf_model_type="qwen2",
         )
@@ -160,25 +166,25 @@ async def _run_group(config, tokenizer, server, sampler, sessions=None, uid="u1"
 
 
 def test_session_roles_and_layout_error():
-    roles = [al.session_role(s, 2, 3) for s in range(8)]
+    roles = [session_role(s, 2, 3) for s in range(8)]
     assert [(r.role, r.parent_index, r.branch_index) for r in roles] == [
         ("initial", 0, -1), ("initial", 1, -1),
         ("branch", 0, 0), ("branch", 0, 1), ("branch", 0, 2),
         ("branch", 1, 0), ("branch", 1, 1), ("branch", 1, 2),
     ]
-    al.check_group_layout(8, 2, 3)
+    check_group_layout(8, 2, 3)
     with pytest.raises(ValueError, match=r"rollout.n=7 .* M=2 .* K=3 .* = 8 .*divisible by 1 \+ K = 4"):
-        al.check_group_layout(7, 2, 3)
+        check_group_layout(7, 2, 3)
     with pytest.raises(ValueError, match="session_id=8 outside"):
-        al.session_role(8, 2, 3)
+        session_role(8, 2, 3)
 
 
 def test_assemble_branch_trajectory_known_answer():
-    ids, mask, lps = al.assemble_branch_trajectory([5, 6, 7, 8], [-1.0, -2.0, -3.0, -4.0], 2, [9, 10, 11],
+    ids, mask, lps = assemble_branch_trajectory([5, 6, 7, 8], [-1.0, -2.0, -3.0, -4.0], 2, [9, 10, 11],
                                                    [-0.5, -0.6, -0.7], response_length=4)
     assert ids == [5, 6, 9, 10] and mask == [0, 0, 1, 1] and lps == [-1.0, -2.0, -0.5, -0.6]
     with pytest.raises(ValueError, match="2 log-probs for 3 continuation tokens"):
-        al.assemble_branch_trajectory([5], None, 1, [1, 2, 3], [-1.0, -1.0], 8)
+        assemble_branch_trajectory([5], None, 1, [1, 2, 3], [-1.0, -1.0], 8)
 
 
 @pytest.mark.parametrize("tail_at_kth", [False, True], ids=["tail_below_kth", "tail_at_kth_boundary"])
@@ -283,14 +289,14 @@ def test_parent_failure_releases_its_branches_only(tiny_qwen2_dir, tokenizer):
     assert parent in (0, 1) and failed[1:] == [2 + 3 * parent + k for k in range(3)]
     assert isinstance(outputs[parent], RuntimeError) and "engine exploded" in str(outputs[parent])
     for i in failed[1:]:
-        assert isinstance(outputs[i], al.ParentRolloutError) and "engine exploded" in str(outputs[i])
+        assert isinstance(outputs[i], ParentRolloutError) and "engine exploded" in str(outputs[i])
 
 
 def test_branch_times_out_when_parent_never_runs(tiny_qwen2_dir, tokenizer):
     config = _config(tiny_qwen2_dir, M=1, K=1, timeout=0.3)
     outputs = asyncio.run(_run_group(config, tokenizer, FakeServer(len(tokenizer)), FakeSampler(), sessions=[1],
                                      uid="orphan"))
-    assert isinstance(outputs[0], al.ParentRolloutError) and "did not finish within" in str(outputs[0])
+    assert isinstance(outputs[0], ParentRolloutError) and "did not finish within" in str(outputs[0])
 
 
 def test_missing_session_id_is_a_clear_error(tiny_qwen2_dir, tokenizer):
@@ -304,13 +310,13 @@ def test_missing_topk_logprobs_is_a_clear_error(tiny_qwen2_dir, tokenizer):
     class PlainServer(FakeServer):
         async def generate(self, request_id, **kw):
             out = await super().generate(request_id, **kw)
-            out.extra_fields.pop(al.TOPK_LOGPROBS_FIELD, None)
+            out.extra_fields.pop(TOPK_LOGPROBS_FIELD, None)
             return out
 
     config = _config(tiny_qwen2_dir, M=1, K=1)
     outputs = asyncio.run(_run_group(config, tokenizer, PlainServer(len(tokenizer)), FakeSampler()))
     assert isinstance(outputs[0], RuntimeError) and "rollout.name=iib_lpo_vllm" in str(outputs[0])
-    assert isinstance(outputs[1], al.ParentRolloutError)
+    assert isinstance(outputs[1], ParentRolloutError)
 
 
 def test_layout_mismatch_fails_every_session(tiny_qwen2_dir, tokenizer):
@@ -339,17 +345,17 @@ def test_deterministic_under_a_seed(tiny_qwen2_dir, tokenizer):
 def test_latent_schedule_by_global_step(tiny_qwen2_dir):
     from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule
 
-    cfg = al.BranchingRolloutConfig.from_trainer_config(_config(tiny_qwen2_dir))
+    cfg = BranchingRolloutConfig.from_trainer_config(_config(tiny_qwen2_dir))
     assert cfg.latent_probability(5) == 1.0 and cfg.schedule.scale == 0.5
     # verl's global step g is 1-based (schedule step g - 1): linear from 1 to 0 over 10 steps
-    lin = al.BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
+    lin = BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
                                     schedule=LatentSchedule(kind="linear", p_init=1.0, p_min=0.0))
     assert lin.latent_probability(1) == 1.0 and math.isclose(lin.latent_probability(6), 0.5)
     assert lin.latent_probability(50) == 0.0
-    none = al.BranchingRolloutConfig(latent_mode="none")
+    none = BranchingRolloutConfig(latent_mode="none")
     assert none.latent_probability(3) == 0.0
     with pytest.raises(ValueError, match="total_training_steps"):
-        al.BranchingRolloutConfig(placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
+        BranchingRolloutConfig(placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
 
 
 def test_placeholder_in_prefix_forks_without_latent(tiny_qwen2_dir, tokenizer):
@@ -374,4 +380,4 @@ def test_placeholder_in_prefix_forks_without_latent(tiny_qwen2_dir, tokenizer):
 def test_manager_rejects_wrong_rollout_n_before_starting_workers(tiny_qwen2_dir):
     pytest.importorskip("transfer_queue")
     with pytest.raises(ValueError, match="rollout.n=5 does not match"):
-        al.IibLpoAgentLoopManagerTQ(config=_config(tiny_qwen2_dir, n=5), llm_client=None)
+        manager.IibLpoAgentLoopManagerTQ(config=_config(tiny_qwen2_dir, n=5), llm_client=None)

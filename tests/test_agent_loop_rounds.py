@@ -21,7 +21,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from recipe.iib_lpo.rollout import agent_loop as al
+from recipe.iib_lpo.rollout import in_loop_reward
+from recipe.iib_lpo.rollout.agent_loop import BranchingAgentLoop
+from recipe.iib_lpo.rollout.config import BranchingRolloutConfig
+from recipe.iib_lpo.rollout.layout import SessionRole, check_group_layout, group_size, session_id_of, session_role
+from recipe.iib_lpo.rollout.rounds import ParentRolloutError, survivor_fork_decision
+from recipe.iib_lpo.rollout.seeds import derived_seed, fork_seeds, prompt_seed_key, session_seeds
+from recipe.iib_lpo.rollout.server_output import TOPK_LOGPROBS_FIELD
 from recipe.iib_lpo.algorithm.branching import BranchingConfig, choose_fork_position
 from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, ngram_ib_score
 from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_RESAMPLE, iib_lpo_step, round_keep_and_survivor, row_role
@@ -72,7 +78,7 @@ class FakeServer:
         await asyncio.sleep(0.005)
         if seed in self.fail:
             raise RuntimeError(f"engine exploded on seed {seed}")
-        rng = np.random.default_rng(al.derived_seed(seed, tuple(prompt_ids)) % (2**32))
+        rng = np.random.default_rng(derived_seed(seed, tuple(prompt_ids)) % (2**32))
         n = sampling_params["max_tokens"]
         if seed in self.short:
             n = min(n, 4)
@@ -84,7 +90,7 @@ class FakeServer:
         call["returned"], call["logprobs"] = tokens, logprobs
         extra = {"min_global_steps": 5, "max_global_steps": 5, "num_cached_tokens": 0}
         if num_topk_logprobs:
-            extra[al.TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab)[:, :num_topk_logprobs]
+            extra[TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab)[:, :num_topk_logprobs]
         return TokenOutput(token_ids=tokens, log_probs=logprobs, stop_reason="completed", extra_fields=extra)
 
 
@@ -157,8 +163,8 @@ def _row(uid="u1"):
 
 
 def _seed(session, M, K, R, row=None):
-    role = al.session_role(session, M, K, R)
-    return al.session_seeds(al.prompt_seed_key(row or _row()), 5, role, ROLLOUT_SEED, SAMPLING_SEED).sampling
+    role = session_role(session, M, K, R)
+    return session_seeds(prompt_seed_key(row or _row()), 5, role, ROLLOUT_SEED, SAMPLING_SEED).sampling
 
 
 def _run(config, tokenizer, server, reward, monkeypatch, sessions=None, row=None):
@@ -166,12 +172,12 @@ def _run(config, tokenizer, server, reward, monkeypatch, sessions=None, row=None
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
     sampler = FakeSampler()
-    al.BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler)
-    monkeypatch.setattr(al, "load_reward_function", lambda config: reward)
+    BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler)
+    monkeypatch.setattr(in_loop_reward, "load_reward_function", lambda config: reward)
     row = row or _row()
 
     async def one(session_id):
-        loop = al.BranchingAgentLoop(
+        loop = BranchingAgentLoop(
             trainer_config=DictConfigWrap(config), server_manager=server, tokenizer=tokenizer, processor=None,
             dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), hf_model_type="qwen2",
         )
@@ -201,7 +207,7 @@ def _expected_fork(num_generated: int, vocab: int) -> int:
 
 
 def test_session_roles_for_two_rounds():
-    roles = [al.session_role(s, 2, 2, 2) for s in range(10)]
+    roles = [session_role(s, 2, 2, 2) for s in range(10)]
     assert [(r.role, r.parent_index, r.round_index, r.branch_index) for r in roles] == [
         ("initial", 0, 0, -1), ("initial", 1, 0, -1),
         ("branch", 0, 1, 0), ("branch", 0, 1, 1), ("branch", 0, 2, 0), ("branch", 0, 2, 1),
@@ -211,41 +217,41 @@ def test_session_roles_for_two_rounds():
 
 @pytest.mark.parametrize("M, K, R", [(1, 1, 1), (2, 3, 1), (1, 2, 2), (2, 3, 2), (3, 2, 3), (2, 0, 1), (1, 4, 5)])
 def test_session_role_is_a_bijection_and_r1_is_the_single_round_layout(M, K, R):
-    n = al.group_size(M, K, R)
+    n = group_size(M, K, R)
     assert n == M * (1 + K * R)
-    al.check_group_layout(n, M, K, R)
-    roles = [al.session_role(s, M, K, R) for s in range(n)]
-    assert [al.session_id_of(r, M, K, R) for r in roles] == list(range(n))
+    check_group_layout(n, M, K, R)
+    roles = [session_role(s, M, K, R) for s in range(n)]
+    assert [session_id_of(r, M, K, R) for r in roles] == list(range(n))
     assert len({(r.parent_index, r.round_index, r.branch_index) for r in roles}) == n
     for i in range(M):
         for r in range(1, R + 1):
             assert sorted(x.branch_index for x in roles if x.parent_index == i and x.round_index == r) == list(range(K))
     if R == 1:
         assert [(r.role, r.parent_index, r.branch_index) for r in roles] == [
-            (r.role, r.parent_index, r.branch_index) for r in (al.session_role(s, M, K) for s in range(n))]
+            (r.role, r.parent_index, r.branch_index) for r in (session_role(s, M, K) for s in range(n))]
 
 
 def test_layout_errors_name_the_rounds():
     with pytest.raises(ValueError, match=r"rollout.n=8 .* M=2 .* K=3 branches x R=2 rounds\) = 14 .*1 \+ K x R = 7"):
-        al.check_group_layout(8, 2, 3, 2)
+        check_group_layout(8, 2, 3, 2)
     with pytest.raises(ValueError, match="ib.rounds must be an int >= 1"):
-        al.check_group_layout(2, 2, 3, 0)
+        check_group_layout(2, 2, 3, 0)
     with pytest.raises(ValueError, match=r"session_id=5 outside \[0, 5\) for M=1, K=2, R=2"):
-        al.session_role(5, 1, 2, 2)
+        session_role(5, 1, 2, 2)
 
 
 def test_round_one_seeds_are_the_single_round_seeds_and_later_rounds_differ():
-    key = al.prompt_seed_key(_row())
+    key = prompt_seed_key(_row())
     for s in range(1 + 3):
-        one = al.session_seeds(key, 5, al.session_role(s, 1, 3), 42, 1)
-        two = al.session_seeds(key, 5, al.session_role(s, 1, 3, 2), 42, 1)
+        one = session_seeds(key, 5, session_role(s, 1, 3), 42, 1)
+        two = session_seeds(key, 5, session_role(s, 1, 3, 2), 42, 1)
         assert one == two
-    r1 = al.session_seeds(key, 5, al.session_role(1, 1, 3, 2), 42, 1)
-    r2 = al.session_seeds(key, 5, al.session_role(4, 1, 3, 2), 42, 1)  # branch 0 of round 2
-    assert al.session_role(4, 1, 3, 2).round_index == 2
+    r1 = session_seeds(key, 5, session_role(1, 1, 3, 2), 42, 1)
+    r2 = session_seeds(key, 5, session_role(4, 1, 3, 2), 42, 1)  # branch 0 of round 2
+    assert session_role(4, 1, 3, 2).round_index == 2
     assert len({r1.fork, r2.fork}) == len({r1.latent, r2.latent}) == len({r1.inject, r2.inject}) == 2
     assert r1.sampling != r2.sampling
-    assert (r2.fork, r2.latent) == al.fork_seeds(key, 5, 0, 2, 42)
+    assert (r2.fork, r2.latent) == fork_seeds(key, 5, 0, 2, 42)
 
 
 def test_survivor_fork_decision_stays_inside_the_continuation():
@@ -254,11 +260,11 @@ def test_survivor_fork_decision_stays_inside_the_continuation():
     ent[20 + 6] = 3.0  # the continuation is 20 tokens: window [1, 12) after the prefix
     ent[20 + 15] = 5.0  # inside the last t_margin tokens: not a candidate
     cfg = BranchingConfig(rho=0.05, t_min=1, t_margin=8, strategy="argmax")
-    d = al.survivor_fork_decision(ent, 20, cfg, seed=None)
+    d = survivor_fork_decision(ent, 20, cfg, seed=None)
     assert d.position == 26 and d.entropy == 3.0 and d.candidates == (26,) and d.num_tokens == 40
-    uniform = al.survivor_fork_decision(ent, 20, BranchingConfig(rho=1.0, strategy="uniform"), seed=7)
+    uniform = survivor_fork_decision(ent, 20, BranchingConfig(rho=1.0, strategy="uniform"), seed=7)
     assert 21 <= uniform.position < 32
-    short = al.survivor_fork_decision(ent, 35, cfg, seed=None)
+    short = survivor_fork_decision(ent, 35, cfg, seed=None)
     assert not short.should_fork and short.reason == "too_short"
 
 
@@ -275,7 +281,7 @@ def test_rounds_config_refusals():
     def parse(**ib):
         base = OmegaConf.create({"iib_lpo": {"num_initial_rollouts": 1, "num_branches": 2,
                                              "latent": {"mode": "none"}, "ib": ib}})
-        return al.BranchingRolloutConfig.from_trainer_config(base)
+        return BranchingRolloutConfig.from_trainer_config(base)
 
     assert parse(rounds=2).rounds == 2 and parse(rounds=2).group_size == 5
     with pytest.raises(ValueError, match=r"rounds=2 with iib_lpo.ib.estimator='ibro'.*z\(r_v\) over the whole"):
@@ -302,7 +308,7 @@ def test_three_rounds_fork_the_chosen_survivor_with_aligned_masks_and_logprobs(t
     M, K, R = 1, 3, 3
     config = _config(tiny_qwen2_dir, M=M, K=K, R=R, mode=mode)
     # round 1: branch 1 is correct; round 2: branch 2; round 3: branch 0 (unranked: the trainer's job)
-    sid = {(r, k): al.session_id_of(al.SessionRole("branch", 0, k, r), M, K, R) for r in (1, 2, 3) for k in range(K)}
+    sid = {(r, k): session_id_of(SessionRole("branch", 0, k, r), M, K, R) for r in (1, 2, 3) for k in range(K)}
     winners = {1: 1, 2: 2}
     server = FakeServer(len(tokenizer), correct=[_seed(sid[(r, k)], M, K, R) for r, k in winners.items()]
                         + [_seed(sid[(3, 0)], M, K, R)])
@@ -485,15 +491,15 @@ def test_a_failed_branch_fails_its_round_and_the_later_rounds_of_its_lineage_onl
                                                                                    monkeypatch):
     M, K, R = 2, 2, 3
     config = _config(tiny_qwen2_dir, M=M, K=K, R=R)
-    bad = al.session_id_of(al.SessionRole("branch", 1, 0, 2), M, K, R)  # parent 1, round 2, branch 0
+    bad = session_id_of(SessionRole("branch", 1, 0, 2), M, K, R)  # parent 1, round 2, branch 0
     server = FakeServer(len(tokenizer), fail=[_seed(bad, M, K, R)])
     outputs, _ = _run(config, tokenizer, server, CountingReward(tokenizer), monkeypatch)
-    roles = [al.session_role(s, M, K, R) for s in range(len(outputs))]
+    roles = [session_role(s, M, K, R) for s in range(len(outputs))]
     for s, (o, r) in enumerate(zip(outputs, roles)):
         if s == bad:
             assert isinstance(o, RuntimeError) and "engine exploded" in str(o)
         elif r.parent_index == 1 and r.round_index >= 2:
-            assert isinstance(o, al.ParentRolloutError), (s, o)
+            assert isinstance(o, ParentRolloutError), (s, o)
             assert f"branch 0 (session {bad})" in str(o) and "engine exploded" in str(o)
         else:  # parent 0's lineage, parent 1 and its round 1 are unaffected
             assert not isinstance(o, BaseException), (s, o)
@@ -506,12 +512,12 @@ def test_waits_are_bounded(tiny_qwen2_dir, tokenizer, monkeypatch):
     # a round-2 branch alone: its survivor is never chosen
     outputs, _ = _run(config, tokenizer, server, CountingReward(tokenizer), monkeypatch, sessions=[3],
                       row=_row("orphan-2"))
-    assert isinstance(outputs[0], al.ParentRolloutError) and "was not chosen within 0.6s" in str(outputs[0])
+    assert isinstance(outputs[0], ParentRolloutError) and "was not chosen within 0.6s" in str(outputs[0])
     # the initial and one of round 1's two branches: the other branch never reports
     outputs, _ = _run(config, tokenizer, server, CountingReward(tokenizer), monkeypatch, sessions=[0, 1],
                       row=_row("orphan-1"))
     assert not isinstance(outputs[0], BaseException)
-    assert isinstance(outputs[1], al.ParentRolloutError) and "did not finish within" in str(outputs[1])
+    assert isinstance(outputs[1], ParentRolloutError) and "did not finish within" in str(outputs[1])
 
 
 def test_layout_mismatch_fails_every_session(tiny_qwen2_dir, tokenizer, monkeypatch):
@@ -526,4 +532,4 @@ def test_a_row_without_ground_truth_is_a_clear_error_for_ranked_rounds(tiny_qwen
     row.pop("reward_model")
     outputs, _ = _run(config, tokenizer, FakeServer(len(tokenizer)), CountingReward(tokenizer), monkeypatch, row=row)
     assert isinstance(outputs[1], ValueError) and "reward_model.ground_truth" in str(outputs[1])
-    assert isinstance(outputs[2], al.ParentRolloutError)
+    assert isinstance(outputs[2], ParentRolloutError)

@@ -14,7 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from recipe.iib_lpo.rollout import agent_loop as al
+from recipe.iib_lpo.rollout.agent_loop import BranchingAgentLoop
+from recipe.iib_lpo.rollout.config import BranchingRolloutConfig
+from recipe.iib_lpo.rollout.layout import session_role
+from recipe.iib_lpo.rollout.seeds import derived_seed, prompt_seed_key, session_seeds
+from recipe.iib_lpo.rollout.server_output import TOPK_LOGPROBS_FIELD
 from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule, draw_latent_injection
 from recipe.iib_lpo.latent.sampler import LatentSamples
 from verl.workers.rollout.replica import TokenOutput
@@ -53,12 +57,12 @@ class FakeServer:
                                sampling_params=dict(sampling_params), num_topk_logprobs=num_topk_logprobs))
         await asyncio.sleep(0.005)
         seed = sampling_params.get("seed")
-        rng = np.random.default_rng(al.derived_seed(seed, tuple(prompt_ids)) % (2**32))
+        rng = np.random.default_rng(derived_seed(seed, tuple(prompt_ids)) % (2**32))
         n = 3 if (self.short and num_topk_logprobs) else min(self.response_tokens, sampling_params["max_tokens"])
         tokens = [int(x) for x in rng.integers(4, self.vocab, size=n)]
         extra = {"min_global_steps": 5, "max_global_steps": 5, "num_cached_tokens": 0}
         if num_topk_logprobs:
-            extra[al.TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab)[:, :num_topk_logprobs]
+            extra[TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab)[:, :num_topk_logprobs]
         return TokenOutput(token_ids=tokens, log_probs=[-1.0] * n, stop_reason="completed", extra_fields=extra)
 
 
@@ -120,10 +124,10 @@ async def _run_group(config, tokenizer, server, sampler, row):
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    al.BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler)
+    BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler)
 
     async def one(session_id):
-        loop = al.BranchingAgentLoop(
+        loop = BranchingAgentLoop(
             trainer_config=DictConfigWrap(config), server_manager=server, tokenizer=tokenizer, processor=None,
             dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), hf_model_type="qwen2",
         )
@@ -145,30 +149,30 @@ def _run(config, tokenizer, row, *, short=False):
 
 
 def test_prompt_seed_key_is_data_source_and_extra_info_index():
-    assert al.prompt_seed_key(_row(data_source="math_dapo", index=7)) == json.dumps(["math_dapo", 7])
-    assert al.prompt_seed_key(_row(index=np.int64(7))) == al.prompt_seed_key(_row(index=7))  # parquet ints
-    assert al.prompt_seed_key(_row(index="a1b2")) == json.dumps(["demo_arith", "a1b2"])
+    assert prompt_seed_key(_row(data_source="math_dapo", index=7)) == json.dumps(["math_dapo", 7])
+    assert prompt_seed_key(_row(index=np.int64(7))) == prompt_seed_key(_row(index=7))  # parquet ints
+    assert prompt_seed_key(_row(index="a1b2")) == json.dumps(["demo_arith", "a1b2"])
     # the top-level `index` kwarg is not used (verl sets it to 0 when extra_info.index is missing)
-    assert al.prompt_seed_key({**_row(index=7), "index": 99}) == al.prompt_seed_key(_row(index=7))
+    assert prompt_seed_key({**_row(index=7), "index": 99}) == prompt_seed_key(_row(index=7))
 
 
 def test_same_index_in_two_data_sources_gives_different_seeds():
-    key_a = al.prompt_seed_key(_row(data_source="lighteval/MATH", index=0))
-    key_b = al.prompt_seed_key(_row(data_source="math_dapo", index=0))
+    key_a = prompt_seed_key(_row(data_source="lighteval/MATH", index=0))
+    key_b = prompt_seed_key(_row(data_source="math_dapo", index=0))
     assert key_a != key_b
     for session in range(1 + 3):
-        role = al.session_role(session, 1, 3)
-        a = al.session_seeds(key_a, 5, role, rollout_seed=42, sampling_seed=1)
-        b = al.session_seeds(key_b, 5, role, rollout_seed=42, sampling_seed=1)
+        role = session_role(session, 1, 3)
+        a = session_seeds(key_a, 5, role, rollout_seed=42, sampling_seed=1)
+        b = session_seeds(key_b, 5, role, rollout_seed=42, sampling_seed=1)
         assert a.fork != b.fork and a.latent != b.latent and a.sampling != b.sampling
         if role.role == "branch":
             assert a.inject != b.inject
 
 
 def test_session_seeds_structure():
-    key = al.prompt_seed_key(_row())
-    roles = [al.session_role(s, 2, 2) for s in range(6)]
-    seeds = [al.session_seeds(key, 5, r, rollout_seed=42, sampling_seed=None) for r in roles]
+    key = prompt_seed_key(_row())
+    roles = [session_role(s, 2, 2) for s in range(6)]
+    seeds = [session_seeds(key, 5, r, rollout_seed=42, sampling_seed=None) for r in roles]
     # a parent's branches share its fork and latent seeds; parents differ
     assert seeds[2].fork == seeds[3].fork == seeds[0].fork != seeds[1].fork
     assert seeds[4].latent == seeds[5].latent == seeds[1].latent != seeds[0].latent
@@ -176,7 +180,7 @@ def test_session_seeds_structure():
     assert seeds[0].inject is None and len({s.inject for s in seeds[2:]}) == 4
     assert all(s.sampling is None for s in seeds)
     # the step is part of every seed
-    later = al.session_seeds(key, 6, roles[2], rollout_seed=42, sampling_seed=None)
+    later = session_seeds(key, 6, roles[2], rollout_seed=42, sampling_seed=None)
     assert later.fork != seeds[2].fork and later.inject != seeds[2].inject
 
 
@@ -193,7 +197,7 @@ def test_session_seeds_structure():
 )
 def test_rows_without_a_seed_key_are_refused_naming_uid_and_field(row, field):
     with pytest.raises(ValueError, match=rf"uid={row['uid']}\b.*{field}"):
-        al.prompt_seed_key(row)
+        prompt_seed_key(row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,9 +211,9 @@ def test_schedule_draw_decides_which_branches_get_the_latent(tiny_qwen2_dir, tok
     outputs, server, sampler = _run(config, tokenizer, row)
     assert not [o for o in outputs if isinstance(o, BaseException)], outputs
     prompt_len = len(outputs[0].prompt_ids)
-    key = al.prompt_seed_key(row)
+    key = prompt_seed_key(row)
     rollout_seed = int(config.actor_rollout_ref.rollout.seed)
-    expected = [draw_latent_injection(0.5, al.session_seeds(key, 5, al.session_role(1 + k, 1, 8), rollout_seed,
+    expected = [draw_latent_injection(0.5, session_seeds(key, 5, session_role(1 + k, 1, 8), rollout_seed,
                                                                 None).inject) for k in range(8)]
     assert any(expected) and not all(expected)  # both outcomes occur for this row (fixed seeds)
     branch_calls = [c for c in server.calls if not c["num_topk_logprobs"]]
@@ -249,16 +253,16 @@ def test_probability_one_always_injects_and_zero_never(tiny_qwen2_dir, tokenizer
 
 
 def test_latent_probability_follows_the_schedule_by_global_step(tiny_qwen2_dir):
-    cfg = al.BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
+    cfg = BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
                                     schedule=LatentSchedule(kind="linear", p_init=1.0, p_min=0.0, scale=2.0))
     # verl's global steps are 1-based: step g is schedule step g - 1
     assert cfg.latent_probability(1) == 1.0 and cfg.latent_probability(6) == pytest.approx(0.5)
     assert cfg.latent_probability(50) == 0.0 and cfg.schedule.scale == 2.0
-    assert al.BranchingRolloutConfig(latent_mode="none").latent_probability(3) == 0.0
+    assert BranchingRolloutConfig(latent_mode="none").latent_probability(3) == 0.0
     with pytest.raises(ValueError, match="total_training_steps"):
-        al.BranchingRolloutConfig(placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
+        BranchingRolloutConfig(placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
     # exponential needs no total
-    expo = al.BranchingRolloutConfig(placeholder_token_id=3,
+    expo = BranchingRolloutConfig(placeholder_token_id=3,
                                      schedule=LatentSchedule(kind="exponential", decay_rate=0.5))
     assert expo.latent_probability(3) == pytest.approx(0.25)
 
@@ -294,9 +298,9 @@ def test_same_index_different_data_source_get_different_seeds_on_the_wire(tiny_q
         outputs, server, _ = _run(config, tokenizer, row)
         assert not [o for o in outputs if isinstance(o, BaseException)], outputs
         seeds = sorted(c["sampling_params"]["seed"] for c in server.calls)
-        key = al.prompt_seed_key(row)
+        key = prompt_seed_key(row)
         rollout_seed = int(config.actor_rollout_ref.rollout.seed)
-        expected = sorted(al.session_seeds(key, 5, al.session_role(s, 1, 2), rollout_seed, 123).sampling
+        expected = sorted(session_seeds(key, 5, session_role(s, 1, 2), rollout_seed, 123).sampling
                           for s in range(3))
         assert seeds == expected and len(set(seeds)) == 3
         sent[source] = (seeds, outputs[0].response_ids)

@@ -83,7 +83,7 @@ def _iib_config(mode="cvae", seed=7):
 def cluster(tiny_qwen2_dir):
     from verl_patches import verl_cpu_testing as harness
 
-    from recipe.iib_lpo.rollout.agent_loop import agent_loop_config_path
+    from recipe.iib_lpo.rollout.manager import agent_loop_config_path
 
     harness.init_ray_for_cpu_rollout(num_replicas=2)
     config = harness.compose_cpu_trainer_config(
@@ -190,12 +190,12 @@ async def _run_groups(config, client, tokenizer, num_prompts, sampler=None, tag=
     from verl.experimental.agent_loop.agent_loop import DictConfigWrap
     from verl.utils.dataset.rl_dataset import RLHFDataset
 
-    from recipe.iib_lpo.rollout import agent_loop as al
+    from recipe.iib_lpo.rollout.agent_loop import BranchingAgentLoop
 
-    al.BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler) if sampler else None
+    BranchingAgentLoop.sampler_factory = staticmethod(lambda: sampler) if sampler else None
 
     async def one(p, s):
-        loop = al.BranchingAgentLoop(
+        loop = BranchingAgentLoop(
             trainer_config=DictConfigWrap(config), server_manager=client, tokenizer=tokenizer, processor=None,
             dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), hf_model_type="qwen2",
         )
@@ -299,7 +299,7 @@ def test_tier1_real_latent_sampler_in_ray_actor(cluster, tokenizer, hf_model, cv
     """The latent service as a named Ray actor with the real LatentSampler (text encoder + CVAE
     prior + P): each branch's continuation is scored by the reference with the latent recomputed
     locally from the same checkpoint, condition text and seed."""
-    from recipe.iib_lpo.rollout import agent_loop as al
+    from recipe.iib_lpo.rollout.seeds import fork_seeds, prompt_seed_key
     from recipe.iib_lpo.latent.sampler import LatentSampler, build_condition_text
 
     config, manager = cluster
@@ -313,8 +313,8 @@ def test_tier1_real_latent_sampler_in_ray_actor(cluster, tokenizer, hf_model, cv
         parent, t = outputs[i], outputs[i].extra_fields["iib_fork_position"]
         condition = build_condition_text(f"0: {QUESTION}", tokenizer.decode(parent.response_ids[:t], skip_special_tokens=True))
         # the loop's latent seed for parent i's fork point (round 1), keyed on the row _run_groups sends
-        seed_key = al.prompt_seed_key(_loop_kwargs("actor0", 0, question=f"0: {QUESTION}"))
-        _, seed = al.fork_seeds(seed_key, 1, i, 1, config.actor_rollout_ref.rollout.seed)
+        seed_key = prompt_seed_key(_loop_kwargs("actor0", 0, question=f"0: {QUESTION}"))
+        _, seed = fork_seeds(seed_key, 1, i, 1, config.actor_rollout_ref.rollout.seed)
         generator = torch.Generator().manual_seed(seed)
         latents = local.sample_latent_embeddings([condition], K, 1.0, generator=[generator]).embeddings[0]
         for k in range(K):
@@ -347,7 +347,7 @@ def test_tier2_agent_loop_manager_tq(cluster, tiny_qwen2_dir, cvae_checkpoint):
     import transfer_queue as tq
     from verl.utils import tensordict_utils as tu
 
-    from recipe.iib_lpo.rollout.agent_loop import IibLpoAgentLoopManagerTQ
+    from recipe.iib_lpo.rollout.manager import IibLpoAgentLoopManagerTQ
 
     config, manager = cluster
     # The agent-loop worker is a separate Ray process: it reaches the per-trainer latent-service

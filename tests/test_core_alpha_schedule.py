@@ -49,7 +49,7 @@ def test_draw_is_a_threshold_on_the_seed():
 
 
 def test_draw_frequency_matches_the_probability():
-    # 4000 uniform 63-bit seeds (as agent_loop.derived_seed gives): the fraction injected is p
+    # 4000 uniform 63-bit seeds (as rollout.seeds.derived_seed gives): the fraction injected is p
     # within 5 standard errors.
     n = 4000
     rng = random.Random(0)

@@ -15,6 +15,7 @@ from recipe.iib_lpo.algorithm.ib import (
     echo_fraction,
     filler_fraction,
     get_ib_estimator,
+    ib_estimator_spec,
     ib_score_bounds,
     list_ib_estimators,
     ngram_ib_score,
@@ -264,6 +265,35 @@ def test_registry():
         score_trajectories([], IBConfig(estimator="nope"))
     with pytest.raises(ValueError, match="trajectory 1: verifiable reward"):
         score_trajectories([IBInputs("q", "r", 1.0, 1, 2), IBInputs("q", "r", 2.0, 1, 2)], IBConfig())
+
+
+def test_a_new_estimator_is_one_registration():
+    """Bounds, the trainer's inputs and the round / training refusals all come from the registration
+    (mutation: rounds_problems or the start-up check ignoring the registration fails this)."""
+    from recipe.iib_lpo.algorithm.ib_step import rounds_problems
+    from recipe.iib_lpo.trainer.startup_checks import estimator_problems
+
+    @register_ib_estimator("test_core_ib_declared", bounds=lambda cfg: (-1.0, 2.0 * cfg.beta),
+                           needs_token_advantages=True, rounds_unsupported="no rounds for me",
+                           training_unsupported="no training for me")
+    def declared(traj, cfg):
+        return 0.0
+
+    cfg = IBConfig(estimator="test_core_ib_declared", beta=1.5)
+    assert ib_score_bounds(cfg) == (-1.0, 3.0)
+    spec = ib_estimator_spec("test_core_ib_declared")
+    assert spec.score is declared and spec.needs_token_advantages
+    problems = rounds_problems(IBConfig(estimator="test_core_ib_declared", rounds=2), num_branches=2)
+    assert len(problems) == 1 and "no rounds for me" in problems[0]
+    assert rounds_problems(IBConfig(estimator="test_core_ib_declared", rounds=1), num_branches=2) == []
+    assert any("no training for me" in p for p in estimator_problems("test_core_ib_declared"))
+    # the built-in ones: ngram / entropy rank rounds and train; ibro needs the advantages
+    assert rounds_problems(IBConfig(estimator="entropy", rounds=2), num_branches=2) == []
+    assert ib_estimator_spec("ibro").needs_token_advantages and not ib_estimator_spec("ngram").needs_token_advantages
+    assert estimator_problems("ngram") == []
+    assert any("not supported in training" in p for p in estimator_problems("answer_likelihood"))
+    with pytest.raises(ValueError, match="no documented bounds"):
+        ib_score_bounds(IBConfig(estimator="test_core_ib_constant"))
 
 
 def test_topn_keep_mask():

@@ -249,7 +249,7 @@ IIB_LPO_KEYS = {
     "algorithm.adv_estimator": "iib_lpo",
     "actor_rollout_ref.rollout.name": "iib_lpo_vllm",
     "actor_rollout_ref.rollout.agent.default_agent_loop": "iib_lpo_branching",
-    "actor_rollout_ref.rollout.agent.agent_loop_manager_class": "recipe.iib_lpo.rollout.agent_loop.IibLpoAgentLoopManagerTQ",
+    "actor_rollout_ref.rollout.agent.agent_loop_manager_class": "recipe.iib_lpo.rollout.manager.IibLpoAgentLoopManagerTQ",
     "iib_lpo.latent.mode": "cvae",
     "iib_lpo.latent.placeholder_token_id": 151665,
     "iib_lpo.latent.service.num_gpus": 0,

@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 import recipe.iib_lpo as recipe_pkg
 from recipe.iib_lpo.algorithm.advantage import AdvantageConfig
-from recipe.iib_lpo.rollout import agent_loop as agent_loop_module
-from recipe.iib_lpo.rollout.agent_loop import BranchingRolloutConfig
+from recipe.iib_lpo.rollout import config as rollout_config
+from recipe.iib_lpo.rollout.config import BranchingRolloutConfig
 from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule
 from recipe.iib_lpo.algorithm.branching import BranchingConfig
 from recipe.iib_lpo.algorithm.ib import IBConfig
@@ -59,8 +59,8 @@ def test_layout_and_agent_loop_values_equal_rollout_defaults(group):
     assert group["latent"]["placeholder_token_id"] == defaults.placeholder_token_id
     assert group["latent"]["total_steps"] == defaults.total_steps
     # every latent / agent_loop key the YAML documents is one the parser accepts, and vice versa
-    assert set(group["latent"]) == set(agent_loop_module.LATENT_KEYS)
-    assert set(group["agent_loop"]) == set(agent_loop_module.AGENT_LOOP_KEYS)
+    assert set(group["latent"]) == set(rollout_config.LATENT_KEYS)
+    assert set(group["agent_loop"]) == set(rollout_config.AGENT_LOOP_KEYS)
     assert group["agent_loop"] == {
         "parent_wait_timeout_s": defaults.parent_wait_timeout_s,
         "sampling_seed": defaults.sampling_seed,

@@ -49,7 +49,7 @@ def _good(tiny_qwen2_dir, ckpt):
 
 
 def test_composes_with_recipe_selections_and_derives_server_knobs(tiny_qwen2_dir, cvae_ckpt):
-    from recipe.iib_lpo.rollout.agent_loop import agent_loop_config_path
+    from recipe.iib_lpo.rollout.manager import agent_loop_config_path
     from recipe.iib_lpo.main import prepare_config
 
     config = _compose(_good(tiny_qwen2_dir, cvae_ckpt[0]))

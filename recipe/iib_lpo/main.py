@@ -27,7 +27,7 @@ def prepare_config(config, check_files: bool = True) -> None:
     Derived: the agent-loop registration YAML, and the rollout server's knobs
     (``rollout.custom.iib_lpo``) from ``iib_lpo.latent`` and ``iib_lpo.entropy``.
     """
-    from recipe.iib_lpo.rollout.agent_loop import agent_loop_config_path
+    from recipe.iib_lpo.rollout.manager import agent_loop_config_path
 
     from verl_patches.rollout_server import CUSTOM_CONFIG_KEY, ROLLOUT_NAME
 

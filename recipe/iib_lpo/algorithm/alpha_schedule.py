@@ -25,7 +25,7 @@ exactly the plain model, so the expected shift of a branch is p_inject(step) tim
 an injected branch: the decay is real.
 
 The per-branch draw is :func:`draw_latent_injection` on a seed derived from the prompt, step,
-parent and branch (``agent_loop.session_seeds``), so it is reproducible and independent of
+parent and branch (``rollout.seeds.session_seeds``), so it is reproducible and independent of
 batching.
 """
 
@@ -92,7 +92,7 @@ def draw_latent_injection(p_inject: float, seed: int) -> bool:
     """Bernoulli(p_inject) decided by a 63-bit seed: True iff seed / 2**63 < p_inject (exactly).
 
     Deterministic; p_inject = 1 is always True and 0 always False. For seeds uniform on
-    [0, 2**63) (``agent_loop.derived_seed``), P(True) = p_inject.
+    [0, 2**63) (``rollout.seeds.derived_seed``), P(True) = p_inject.
     """
     _check_number("p_inject", p_inject, high=1.0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < _SEED_SPAN:

@@ -6,8 +6,10 @@ echoing the question, length, filler). The paper's estimator is not available, s
 pluggable (``IBConfig.estimator``) and each returns a bounded float; the bounds are stated per
 estimator and checked in tests/test_core_ib.py.
 
-Registry: ``@register_ib_estimator("name")`` on a function ``fn(traj: IBInputs, config:
-IBConfig) -> float``; ``get_ib_estimator(name)``; ``score_trajectories(list, config)``.
+Registry: ``@register_ib_estimator("name", bounds=..., needs_token_advantages=...,
+rounds_unsupported=..., training_unsupported=...)`` on a function ``fn(traj: IBInputs, config: IBConfig) -> float``
+(``IBEstimatorSpec``: a new estimator is this one registration); ``get_ib_estimator(name)``;
+``score_trajectories(list, config)``.
 
 Tokenisation for the text statistics (decision): lower-cased words and single punctuation
 marks, ``re.findall(r"\\w+|[^\\w\\s]", text.lower())`` -- cheap, model-independent, and
@@ -43,6 +45,8 @@ __all__ = [
     "IBConfig",
     "IBInputs",
     "register_ib_estimator",
+    "IBEstimatorSpec",
+    "ib_estimator_spec",
     "get_ib_estimator",
     "list_ib_estimators",
     "ib_score_bounds",
@@ -206,11 +210,44 @@ class IBInputs:
 
 
 IBEstimator = Callable[[IBInputs, IBConfig], float]
-_IB_ESTIMATORS: dict[str, IBEstimator] = {}
 
 
-def register_ib_estimator(name: str) -> Callable[[IBEstimator], IBEstimator]:
-    """Decorator registering ``fn(traj: IBInputs, config: IBConfig) -> float`` under ``name``.
+@dataclass(frozen=True)
+class IBEstimatorSpec:
+    """One registered IB estimator: everything the recipe needs to know about it.
+
+    Attributes:
+        score: ``fn(traj, config) -> float``.
+        bounds: ``fn(config) -> (low, high)``, the closed interval every score lies in (tests
+            and asserts), or None when the estimator documents none.
+        needs_token_advantages: the trainer must fill ``IBInputs.token_advantages`` (the GRPO
+            z(r_v) of each row, broadcast over its tokens).
+        rounds_unsupported: why the rollout cannot rank a round's branches with it
+            (``iib_lpo.ib.rounds`` > 1 is then refused with this reason); None when it can.
+        training_unsupported: why the trainer cannot score with it (inputs it does not
+            supply; the start-up check refuses the estimator with this reason); None when it can.
+    """
+
+    score: IBEstimator
+    bounds: Callable[[IBConfig], tuple[float, float]] | None = None
+    needs_token_advantages: bool = False
+    rounds_unsupported: str | None = None
+    training_unsupported: str | None = None
+
+
+_IB_ESTIMATORS: dict[str, IBEstimatorSpec] = {}
+
+
+def register_ib_estimator(
+    name: str,
+    *,
+    bounds: Callable[[IBConfig], tuple[float, float]] | None = None,
+    needs_token_advantages: bool = False,
+    rounds_unsupported: str | None = None,
+    training_unsupported: str | None = None,
+) -> Callable[[IBEstimator], IBEstimator]:
+    """Decorator registering ``fn(traj: IBInputs, config: IBConfig) -> float`` under ``name``,
+    with the properties of ``IBEstimatorSpec``.
 
     Registering a different function under a taken name raises (silent replacement would change
     what a config name means).
@@ -219,18 +256,23 @@ def register_ib_estimator(name: str) -> Callable[[IBEstimator], IBEstimator]:
         raise ValueError(f"IB estimator name must be a non-empty string, got {name!r}")
 
     def decorator(fn: IBEstimator) -> IBEstimator:
-        if name in _IB_ESTIMATORS and _IB_ESTIMATORS[name] is not fn:
-            raise ValueError(f"IB estimator {name!r} is already registered to {_IB_ESTIMATORS[name]!r}")
-        _IB_ESTIMATORS[name] = fn
+        if name in _IB_ESTIMATORS and _IB_ESTIMATORS[name].score is not fn:
+            raise ValueError(f"IB estimator {name!r} is already registered to {_IB_ESTIMATORS[name].score!r}")
+        _IB_ESTIMATORS[name] = IBEstimatorSpec(fn, bounds, needs_token_advantages, rounds_unsupported,
+                                              training_unsupported)
         return fn
 
     return decorator
 
 
-def get_ib_estimator(name: str) -> IBEstimator:
+def ib_estimator_spec(name: str) -> IBEstimatorSpec:
     if name not in _IB_ESTIMATORS:
         raise ValueError(f"unknown IB estimator {name!r}; known estimators: {sorted(_IB_ESTIMATORS)}")
     return _IB_ESTIMATORS[name]
+
+
+def get_ib_estimator(name: str) -> IBEstimator:
+    return ib_estimator_spec(name).score
 
 
 def list_ib_estimators() -> list[str]:
@@ -328,6 +370,10 @@ def _check_common(reward: float, num_tokens: int, max_tokens: int) -> None:
         raise ValueError(f"max_tokens must be an int > 0, got {max_tokens!r}")
 
 
+def _text_compression_bounds(cfg: IBConfig) -> tuple[float, float]:
+    return -(cfg.w_rep + cfg.w_echo + cfg.w_len + cfg.w_fill), cfg.beta
+
+
 def _text_compression_term(traj: IBInputs, cfg: IBConfig) -> float:
     """w_rep * rep4(r) + w_echo * echo(q, r) + w_len * min(1, len / L_max) + w_fill * filler(q, r),
     in [0, w_rep + w_echo + w_len + w_fill]; the text statistics from ``traj.text_stats`` if given."""
@@ -339,7 +385,7 @@ def _text_compression_term(traj: IBInputs, cfg: IBConfig) -> float:
 # ----------------------------------------------------------------------------- estimators
 
 
-@register_ib_estimator("ngram")
+@register_ib_estimator("ngram", bounds=_text_compression_bounds)
 def _ngram_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     """I_hat(r; a) = r_v; I_hat(q; r) = text compression term.
 
@@ -375,7 +421,7 @@ def _token_vector(x: torch.Tensor | None, what: str, estimator: str) -> torch.Te
     return vec
 
 
-@register_ib_estimator("entropy")
+@register_ib_estimator("entropy", bounds=lambda cfg: (-(cfg.w_ent + cfg.w_len), cfg.beta))
 def _entropy_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     """I_hat(r; a) = r_v; I_hat(q; r) = w_ent * min(1, mean_t H_t / entropy_ref) + w_len * min(1, n/L).
 
@@ -392,7 +438,13 @@ def _entropy_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     return cfg.beta * float(traj.reward) - compression
 
 
-@register_ib_estimator("ibro")
+@register_ib_estimator(
+    "ibro",
+    bounds=lambda cfg: (-cfg.beta, cfg.beta),
+    needs_token_advantages=True,
+    rounds_unsupported="its score is mean(A_t * H_t) with A the GRPO advantage z(r_v) over the whole prompt group, "
+    "which does not exist until every session of the prompt has finished, so a round cannot be ranked by it",
+)
 def _ibro_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     """beta * tanh(mean_t(A_t * H_t) / ibro_scale): the authors' regulariser as a score.
 
@@ -410,7 +462,14 @@ def _ibro_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     return cfg.beta * math.tanh(float((adv * ent).mean()) / cfg.ibro_scale)
 
 
-@register_ib_estimator("answer_likelihood")
+@register_ib_estimator(
+    "answer_likelihood",
+    bounds=_text_compression_bounds,
+    rounds_unsupported="it needs the policy's log-probability of the gold answer after each response (an extra "
+    "forward pass) that neither the rollout nor the trainer runs",
+    training_unsupported="it needs the policy's log-probability of the gold answer after each response, an extra "
+    "forward pass the trainer does not run; use ngram, entropy or ibro",
+)
 def _answer_likelihood_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     """I_hat(r; a) = exp(answer_logprob / answer_num_tokens) (per-token geometric-mean
     probability of the gold answer after the reasoning, in [0, 1]); I_hat(q; r) = the ngram
@@ -432,14 +491,10 @@ def _answer_likelihood_estimator(traj: IBInputs, cfg: IBConfig) -> float:
 
 def ib_score_bounds(config: IBConfig) -> tuple[float, float]:
     """Closed interval every score of ``config.estimator`` lies in (used by tests and asserts)."""
-    name = config.estimator
-    if name in ("ngram", "answer_likelihood"):
-        return -(config.w_rep + config.w_echo + config.w_len + config.w_fill), config.beta
-    if name == "entropy":
-        return -(config.w_ent + config.w_len), config.beta
-    if name == "ibro":
-        return -config.beta, config.beta
-    raise ValueError(f"no documented bounds for IB estimator {name!r}")
+    spec = ib_estimator_spec(config.estimator)
+    if spec.bounds is None:
+        raise ValueError(f"no documented bounds for IB estimator {config.estimator!r}")
+    return spec.bounds(config)
 
 
 def score_trajectories(trajectories: Sequence[IBInputs], config: IBConfig) -> torch.Tensor:

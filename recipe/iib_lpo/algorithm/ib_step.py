@@ -33,7 +33,14 @@ from typing import Any
 import torch
 
 from recipe.iib_lpo.algorithm.advantage import compute_iib_lpo_advantage, kept_loss_mask
-from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, best_branch_per_fork_source, score_trajectories, topn_keep_mask
+from recipe.iib_lpo.algorithm.ib import (
+    IBConfig,
+    IBInputs,
+    best_branch_per_fork_source,
+    ib_estimator_spec,
+    score_trajectories,
+    topn_keep_mask,
+)
 
 __all__ = ["ROW_INITIAL", "ROW_BRANCH", "ROW_RESAMPLE", "RowRole", "row_kind", "row_role", "IBStepResult",
            "fork_source_key", "filter_groups", "round_keep_and_survivor", "rounds_problems", "iib_lpo_step"]
@@ -99,15 +106,6 @@ class IBStepResult:
     recomputed_keep: torch.Tensor | None = None  # [B] bool: the trainer's own Top-N before the loop's decisions
 
 
-#: estimators the rollout cannot evaluate between rounds (rounds > 1), with the reason
-ROUNDS_UNSUPPORTED_ESTIMATORS = {
-    "ibro": "its score is mean(A_t * H_t) with A the GRPO advantage z(r_v) over the whole prompt group, which "
-    "does not exist until every session of the prompt has finished, so a round cannot be ranked by it",
-    "answer_likelihood": "it needs the policy's log-probability of the gold answer after each response (an extra "
-    "forward pass) that neither the rollout nor the trainer runs",
-}
-
-
 def rounds_problems(ib: IBConfig, num_branches: int) -> list[str]:
     """Why ``ib.rounds > 1`` cannot run with these settings (empty when it can, or when R = 1).
 
@@ -116,10 +114,11 @@ def rounds_problems(ib: IBConfig, num_branches: int) -> list[str]:
     if ib.rounds == 1:
         return []
     problems = []
-    if ib.estimator in ROUNDS_UNSUPPORTED_ESTIMATORS:
+    reason = ib_estimator_spec(ib.estimator).rounds_unsupported
+    if reason is not None:
         problems.append(f"iib_lpo.ib.rounds={ib.rounds} with iib_lpo.ib.estimator={ib.estimator!r}: the rollout "
                         f"ranks each round's branches before the next round and cannot use this estimator: "
-                        f"{ROUNDS_UNSUPPORTED_ESTIMATORS[ib.estimator]}; use ngram or entropy, or ib.rounds=1")
+                        f"{reason}; use ngram or entropy, or ib.rounds=1")
     if ib.top_n == 0:
         problems.append(f"iib_lpo.ib.rounds={ib.rounds} with iib_lpo.ib.top_n=0: no branch survives a round, so "
                         "there is nothing to fork the next round from; use top_n >= 1 (or null) or ib.rounds=1")

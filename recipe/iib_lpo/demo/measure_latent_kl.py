@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_prep.demo import make_demo_problems
-    from recipe.iib_lpo.rollout.agent_loop import derived_seed
+    from recipe.iib_lpo.rollout.seeds import derived_seed
     from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule, draw_latent_injection
     from recipe.iib_lpo.latent.cvae import CVAEConfig, LatentCVAE
     from recipe.iib_lpo.latent.sampler import LatentSampler, build_condition_text

@@ -38,7 +38,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig, group_zscore
-from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, TextStats, question_text, text_stats
+from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, TextStats, ib_estimator_spec, question_text, text_stats
 from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step, row_kind, row_role
 from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
 from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics
@@ -169,7 +169,8 @@ class IibLpoTrainer(PPOTrainerSync):
         texts = [""] * len(roles)
         for i, text in zip(missing, self.tokenizer.batch_decode([responses[i] for i in missing], skip_special_tokens=True)):
             texts[i], stats[i] = text, text_stats(questions[i], text)
-        token_adv = self._grpo_token_advantages(rewards, roles, adv_config.eps) if ib_config.estimator == "ibro" else None
+        token_adv = (self._grpo_token_advantages(rewards, roles, adv_config.eps)
+                     if ib_estimator_spec(ib_config.estimator).needs_token_advantages else None)
         entropy = data.batch.get("entropy")
         trajectories = [
             IBInputs(
@@ -249,7 +250,7 @@ class IibLpoTrainer(PPOTrainerSync):
         too short to fork carry 0.0 whatever the schedule, and whether a parent is too short depends
         on what was sampled, so they are left out.
         """
-        from recipe.iib_lpo.rollout.agent_loop import prompt_seed_key
+        from recipe.iib_lpo.rollout.seeds import prompt_seed_key
 
         keys = sorted({prompt_seed_key({"uid": u, "data_source": d, "extra_info": x})
                        for u, d, x in zip(rows["uid"], rows["data_source"], rows["extra_info"], strict=True)})

@@ -14,17 +14,21 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig
-from recipe.iib_lpo.algorithm.ib import IBConfig, list_ib_estimators
+from recipe.iib_lpo.algorithm.ib import IBConfig, ib_estimator_spec, list_ib_estimators
 from recipe.iib_lpo.algorithm.ib_step import rounds_problems
 from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
+from recipe.iib_lpo.rollout.layout import AGENT_NAME as AGENT_LOOP_NAME
 
-AGENT_LOOP_NAME = "iib_lpo_branching"
 ROLLOUT_NAME = "iib_lpo_vllm"
-# estimators whose inputs the trainer does not supply (with the reason shown to the user)
-UNSUPPORTED_ESTIMATORS = {
-    "answer_likelihood": "it needs the policy's log-probability of the gold answer after each response, an extra "
-    "forward pass the trainer does not run; use ngram, entropy or ibro",
-}
+
+
+def estimator_problems(estimator: str) -> list[str]:
+    """Why the trainer cannot score with IB estimator ``estimator`` (empty when it can): unknown, or
+    its registration's ``training_unsupported`` reason."""
+    if estimator not in list_ib_estimators():
+        return [f"iib_lpo.ib.estimator={estimator!r} is unknown; registered: {list_ib_estimators()}"]
+    reason = ib_estimator_spec(estimator).training_unsupported
+    return [] if reason is None else [f"iib_lpo.ib.estimator={estimator!r} is not supported in training: {reason}"]
 
 
 class RecipeConfigError(ValueError):
@@ -67,12 +71,7 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
     if not rollout.calculate_log_probs:
         problems.append("actor_rollout_ref.rollout.calculate_log_probs=False: branches carry their parent's rollout "
                         "log-probs and rollout correction needs them; set it to True")
-    estimator = iib["ib"]["estimator"]
-    if estimator in UNSUPPORTED_ESTIMATORS:
-        problems.append(f"iib_lpo.ib.estimator={estimator!r} is not supported in training: "
-                        f"{UNSUPPORTED_ESTIMATORS[estimator]}")
-    elif estimator not in list_ib_estimators():
-        problems.append(f"iib_lpo.ib.estimator={estimator!r} is unknown; registered: {list_ib_estimators()}")
+    problems += estimator_problems(iib["ib"]["estimator"])
     if isinstance(rounds, int) and rounds > 1:
         # the rollout ranks rounds 1..R-1 itself (ib_step.rounds_problems: the agent loop refuses the same)
         try:
