@@ -31,6 +31,24 @@ def encoder(encoder_dir):
     return TextEncoder(encoder_dir, max_length=64, micro_batch_size=8)
 
 
+def test_tiny_encoder_is_the_same_in_every_process(tmp_path):
+    """Same seed, same files, also across processes (the tokenizers WordPiece trainer ordered tied
+    pieces by hash, so each process got other token ids; mutation: going back to it fails this)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    digests = []
+    for i in range(2):
+        out = tmp_path / f"enc{i}"
+        subprocess.run([sys.executable, "-c", "import sys; from recipe.iib_lpo.latent.text_encoder import "
+                        "build_tiny_encoder_dir as b; b(sys.argv[1], hidden_size=16, seed=3)", str(out)],
+                       check=True, timeout=120, capture_output=True)
+        digests.append({f: hashlib.sha256((out / f).read_bytes()).hexdigest()
+                        for f in ("tokenizer.json", "model.safetensors", "config.json")})
+    assert digests[0] == digests[1]
+
+
 def test_mean_pool_known_values():
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
     mask = torch.tensor([[1, 1, 0]])
@@ -72,7 +90,7 @@ def test_micro_batching_and_input_checks(encoder_dir, encoder):
 
 
 def test_truncation_side_keeps_the_end_by_default(encoder_dir):
-    ending = " then subtract the cost so the answer is 12"
+    ending = " then subtract the cost so the answer is 12 . then the total is 16"  # > 10 tokens
     a, b = "tom has 3 apples and" * 10 + ending, "the area of a square" * 10 + ending
     left = TextEncoder(encoder_dir, max_length=12)  # default: keep the end (the fork-point side)
     right = TextEncoder(encoder_dir, max_length=12, truncation_side="right")

@@ -80,6 +80,12 @@ def test_composes_with_recipe_selections_and_derives_server_knobs(tiny_qwen2_dir
         (["iib_lpo.latent.placeholder_token_id=null"], r"placeholder_token_id is not set"),
         (["iib_lpo.latent.placeholder_token_id=100000"], r"outside the policy's embedding table \(vocab_size="),
         (["iib_lpo.latent.service.checkpoint_path=/nonexistent/cvae.pt"], r"does not exist"),
+        # overrides written for the flat layout before the restructure name modules that moved
+        (["actor_rollout_ref.rollout.agent.agent_loop_manager_class=recipe.iib_lpo.agent_loop.IibLpoAgentLoopManagerTQ"],
+         r"no module 'recipe.iib_lpo.agent_loop' in this recipe .* the recipe's own is "
+         r"'recipe.iib_lpo.rollout.manager.IibLpoAgentLoopManagerTQ'"),
+        (["reward.custom_reward_function.path=pkg://recipe.iib_lpo.answer_checking"],
+         r"reward.custom_reward_function.path='pkg://recipe.iib_lpo.answer_checking': no module"),
     ],
 )
 def test_bad_configs_fail_at_start_up_naming_the_key(tiny_qwen2_dir, cvae_ckpt, overrides, message):
@@ -103,6 +109,13 @@ def test_baseline_estimator_skips_the_recipe_check(tiny_qwen2_dir):
     config = _compose([f"actor_rollout_ref.model.path={tiny_qwen2_dir}", "algorithm.adv_estimator=grpo",
                        "actor_rollout_ref.rollout.name=vllm"])
     prepare_config(config)  # no CVAE, no placeholder: fine for GRPO
+    # the baselines use the recipe's manager class too, so a moved path is refused for them as well
+    stale = _compose([f"actor_rollout_ref.model.path={tiny_qwen2_dir}", "algorithm.adv_estimator=grpo",
+                      "actor_rollout_ref.rollout.name=vllm",
+                      "actor_rollout_ref.rollout.agent.agent_loop_manager_class="
+                      "recipe.iib_lpo.agent_loop.IibLpoAgentLoopManagerTQ"])
+    with pytest.raises(RecipeConfigError, match="no module 'recipe.iib_lpo.agent_loop'"):
+        prepare_config(stale)
 
 
 def test_dry_run_prints_the_resolved_config_without_ray(tmp_path):

@@ -205,23 +205,29 @@ def build_tiny_encoder_dir(
     """
     if architecture not in ("bert", "deberta-v2"):
         raise ValueError(f"architecture must be 'bert' or 'deberta-v2', got {architecture!r}")
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     corpus = [
         "Tom has 3 apples and buys 5 more. How many apples does he have? 3 + 5 = 8.",
         "First compute the total. Then subtract the cost. So the answer is 12.",
         "Let x be the number of pencils. Then 2x + 4 = 10, so x = 3.",
         "The area of a square with side 4 is 16. The perimeter is 16 as well.",
     ] + [f"{a} + {a * 3 % 17} = {a + a * 3 % 17}" for a in range(50)]
-    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials, show_progress=False)
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    # An explicit vocabulary (every word of the corpus, every character, every "##" + character),
+    # in sorted order: the WordPieceTrainer breaks ties between equally frequent pieces in hash
+    # order, which differs between processes, so the same seed gave different token ids.
+    words = sorted({w for text in corpus for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))})
+    chars = sorted({c for w in words for c in w})
+    pieces = [*specials, *chars, *(f"##{c}" for c in chars), *(w for w in words if len(w) > 1)]
+    tokenizer = Tokenizer(models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]

@@ -19,6 +19,8 @@ from recipe.iib_lpo.algorithm.ib_step import rounds_problems
 from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
 from recipe.iib_lpo.rollout.layout import AGENT_NAME as AGENT_LOOP_NAME
 
+MANAGER_CLASS = "recipe.iib_lpo.rollout.manager.IibLpoAgentLoopManagerTQ"
+
 ROLLOUT_NAME = "iib_lpo_vllm"
 
 
@@ -29,6 +31,33 @@ def estimator_problems(estimator: str) -> list[str]:
         return [f"iib_lpo.ib.estimator={estimator!r} is unknown; registered: {list_ib_estimators()}"]
     reason = ib_estimator_spec(estimator).training_unsupported
     return [] if reason is None else [f"iib_lpo.ib.estimator={estimator!r} is not supported in training: {reason}"]
+
+
+def recipe_path_problems(config: Any) -> list[str]:
+    """Dotted paths into this recipe (the agent-loop manager class, the reward function's module)
+    that do not exist: an override written for an older layout names the module it moved from."""
+    import importlib.util
+
+    agent = config.actor_rollout_ref.rollout.agent
+    reward = config.get("reward", {}).get("custom_reward_function") or {}
+    manager, reward_path = agent.get("agent_loop_manager_class"), reward.get("path")
+    paths = []
+    if isinstance(manager, str) and manager.startswith("recipe.iib_lpo."):
+        paths.append(("actor_rollout_ref.rollout.agent.agent_loop_manager_class", manager, manager.rsplit(".", 1)[0],
+                      MANAGER_CLASS))
+    if isinstance(reward_path, str) and reward_path.startswith("pkg://recipe.iib_lpo."):
+        paths.append(("reward.custom_reward_function.path", reward_path, reward_path[len("pkg://"):],
+                      "pkg://recipe.iib_lpo.reward"))
+    problems = []
+    for key, value, module, current in paths:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            problems.append(f"{key}={value!r}: no module {module!r} in this recipe (docs/ARCHITECTURE.md lists where "
+                            f"each module went); the recipe's own is {current!r}")
+    return problems
 
 
 class RecipeConfigError(ValueError):
@@ -49,9 +78,11 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
     ``check_files=False`` (``DRY_RUN=1``) skips what needs the run's files (the CVAE checkpoint,
     the model's config.json) and checks the config alone.
     """
+    problems = recipe_path_problems(config)
     if config.algorithm.adv_estimator != ADV_ESTIMATOR_NAME:
+        if problems:
+            raise RecipeConfigError("config check failed:\n  - " + "\n  - ".join(problems))
         return
-    problems: list[str] = []
     iib = OmegaConf.to_container(config.iib_lpo, resolve=True)
     rollout = config.actor_rollout_ref.rollout
     m, k, rounds = iib["num_initial_rollouts"], iib["num_branches"], iib["ib"].get("rounds", 1)
