@@ -265,6 +265,10 @@ class BranchingAgentLoop(AgentLoopBase):
             group.latents[(parent_index, round_index)] = task
         return await asyncio.shield(task)
 
+    async def _wait_for_source(self, group, role, kwargs) -> ParentResult:
+        """Round r's fork source (``rounds.wait_for_source``); a method so benchmarks can time the wait."""
+        return await wait_for_source(group, role, self.iib.parent_wait_timeout_s, kwargs["uid"])
+
     async def _branch_prompt(self, group, role, seeds: SessionSeeds, parent: ParentResult, prompt_ids,
                              kwargs, metrics) -> BranchPrompt:
         """Steps 3-4 before generation: fork at t* (or resample from the prompt) and decide the latent."""
@@ -333,7 +337,7 @@ class BranchingAgentLoop(AgentLoopBase):
 
     async def _run_branch(self, group, role, seeds: SessionSeeds, prompt_ids, sampling_params, kwargs) -> AgentLoopOutput:
         cfg = self.iib
-        parent = await wait_for_source(group, role, cfg.parent_wait_timeout_s, kwargs["uid"])
+        parent = await self._wait_for_source(group, role, kwargs)
         decision = parent.decision
         # a round the rollout ranks itself (r < R): its branches also need top-k log-probs (entropies
         # to fork the survivor again), the verifiable reward and S_IB
