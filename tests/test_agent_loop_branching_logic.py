@@ -102,7 +102,7 @@ class FakeSampler:
     def __init__(self):
         self.calls = []
 
-    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None):
+    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None, coupling="independent"):
         self.calls.append((list(texts), num_samples, alpha))
         n = len(texts)
         base = torch.arange(n, dtype=torch.float32)[:, None] * 10 + 10 + torch.arange(num_samples)[None, :]
@@ -221,14 +221,15 @@ def test_group_branches_masks_logprobs_and_sticky_ids(tiny_qwen2_dir, tokenizer,
             assert ef["iib_latent_scale"] == 0.5 and ef["iib_latent_prob"] == 1.0
             assert ef["iib_latent_status"] == "injected"
             assert ef["iib_latent_sampling_s"] > 0  # the encoder + prior timer, which verl's metrics drop
-    # Each branch request: parent's request id, prompt + prefix + placeholder, its own latent.
+    # Each branch request: parent's request id, prompt + prefix (the additive latent rides on the
+    # prefix's last token: no placeholder), its own latent.
     parent_tokens = {c["request_id"]: c["returned"] for c in initial_calls}
     assert len(parent_tokens) == 2
     for c in branch_calls:
-        assert c["prompt_ids"][: len(prompt_ids)] == prompt_ids and c["prompt_ids"][-1] == PLACEHOLDER
-        assert len(c["prompt_ids"]) == len(prompt_ids) + SPIKE + 1
+        assert c["prompt_ids"][: len(prompt_ids)] == prompt_ids and PLACEHOLDER not in c["prompt_ids"]
+        assert len(c["prompt_ids"]) == len(prompt_ids) + SPIKE
         # sticky: the request id is the one of the parent whose prefix it continues
-        assert c["prompt_ids"][len(prompt_ids) : -1] == parent_tokens[c["request_id"]][:SPIKE]
+        assert c["prompt_ids"][len(prompt_ids) :] == parent_tokens[c["request_id"]][:SPIKE]
         assert c["sampling_params"]["max_tokens"] == 48 - SPIKE
         assert tuple(c["image_data"].shape) == (1, 1, HIDDEN)
     # One sampler call for both fork points (batched), K draws each, and each branch got draw k.

@@ -26,7 +26,7 @@ class CountingSampler:
         self.fail = fail
         self.delay = delay
 
-    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None):
+    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None, coupling="independent"):
         import time
 
         time.sleep(self.delay)
@@ -93,7 +93,7 @@ def test_each_request_gets_its_own_seeded_generator_whatever_the_batch():
     seen = []
 
     class SeedSampler(CountingSampler):
-        def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None):
+        def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None, coupling="independent"):
             seen.append({t: g.initial_seed() for t, g in zip(texts, generator)})
             return super().sample_latent_embeddings(texts, num_samples, alpha)
 

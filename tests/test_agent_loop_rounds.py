@@ -102,7 +102,7 @@ class FakeSampler:
     def __init__(self):
         self.calls = []
 
-    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None):
+    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None, coupling="independent"):
         self.calls.append((list(texts), num_samples, alpha))
         n = len(texts)
         base = torch.arange(n, dtype=torch.float32)[:, None] * 10 + 10 + torch.arange(num_samples)[None, :]
@@ -347,13 +347,14 @@ def test_three_rounds_fork_the_chosen_survivor_with_aligned_masks_and_logprobs(t
             assert b.response_logprobs[:t] == source_of[r].response_logprobs[:t]
             call = calls_by_seed[_seed(sid[(r, k)], M, K, R)]
             assert b.response_ids[t:] == call["returned"] and b.response_logprobs[t:] == call["logprobs"]
-            # request: prompt + prefix (+ the latent placeholder), the lineage's sticky id, top-k iff ranked
-            assert call["prompt_ids"][: len(prompt_ids) + t] == prompt_ids + source_of[r].response_ids[:t]
+            # request: exactly prompt + prefix (an additive latent rides on its last token), the
+            # lineage's sticky id, top-k iff ranked
+            assert call["prompt_ids"] == prompt_ids + source_of[r].response_ids[:t]
             assert call["request_id"] == init_call["request_id"]
             assert call["sampling_params"]["max_tokens"] == RESPONSE_LENGTH - t
             assert (call["num_topk_logprobs"] == TOPK) == (r < R)
             if mode == "cvae":
-                assert call["prompt_ids"][-1] == PLACEHOLDER and ef["iib_latent_status"] == "injected"
+                assert call["image_data"] is not None and ef["iib_latent_status"] == "injected"
             else:
                 assert call["image_data"] is None and ef["iib_latent_status"] == "disabled"
     # depth 3: every position's log-prob comes from the call that generated it (initial, survivor 1,

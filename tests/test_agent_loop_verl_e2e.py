@@ -46,7 +46,7 @@ class RecordingSampler:
         self.by_text = {}
         self.calls = 0
 
-    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None):
+    def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None, coupling="independent"):
         from recipe.iib_lpo.latent.sampler import LatentSamples
 
         self.calls += 1

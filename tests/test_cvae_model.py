@@ -109,7 +109,8 @@ def test_checkpoint_round_trip(tmp_path):
                                         expected_policy_hidden_size=16, expected_encoder_name="tiny-enc",
                                         expected_mode="prefix")
     assert info.config == model.config and info.mode == "prefix" and info.encoder_name == "tiny-enc"
-    assert info.condition_scheme == "question_prefix" and info.format_version == 2
+    assert info.condition_scheme == "question_prefix" and info.format_version == 3
+    assert info.injection == "additive"
     assert info.train_summary == {"final_elbo": -1.5, "rows_used": 3}
     assert not loaded.training
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -210,3 +211,72 @@ def test_per_row_generators_make_draws_independent_of_the_batch():
     assert not torch.allclose(batch[1], other_seed[0], atol=1e-2)
     with pytest.raises(ValueError, match="2 generators for a batch of 3 rows"):
         cvae.sample_prior(e_x, 5, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_version_2_checkpoint_reads_as_inserted_and_injection_is_checked(tmp_path):
+    model = LatentCVAE(CVAEConfig(**SMALL))
+    path = save_cvae_checkpoint(tmp_path / "c.pt", model, encoder_name="enc", mode="prefix", injection="inserted")
+    assert load_cvae_checkpoint(path)[1].injection == "inserted"
+    with pytest.raises(CVAECheckpointError, match="injection='inserted' but config expects 'additive'"):
+        load_cvae_checkpoint(path, expected_injection="additive")
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 2
+    del payload["injection"]
+    torch.save(payload, tmp_path / "v2.pt")
+    info = load_cvae_checkpoint(tmp_path / "v2.pt")[1]
+    assert info.format_version == 2 and info.injection == "inserted"
+    payload["format_version"] = 3
+    payload["injection"] = "sideways"
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CVAECheckpointError, match="unknown injection 'sideways'"):
+        load_cvae_checkpoint(tmp_path / "bad.pt")
+
+
+def test_span_projector_stays_in_the_principal_span_and_round_trips(tmp_path):
+    from recipe.iib_lpo.latent.cvae import embedding_principal_basis
+
+    torch.manual_seed(0)
+    # embedding rows that vary along 3 directions only (plus a common offset the centring removes)
+    directions = torch.linalg.qr(torch.randn(16, 3))[0]
+    table = torch.randn(50, 3) @ torch.diag(torch.tensor([5.0, 3.0, 1.0])) @ directions.T + 7.0
+    basis = embedding_principal_basis(table, 3)
+    # the same span: projecting the true directions onto the basis loses nothing
+    assert torch.allclose(basis @ (basis.T @ directions), directions, atol=1e-5)
+    assert torch.allclose(basis.T @ basis, torch.eye(3), atol=1e-5)
+    model = LatentCVAE(CVAEConfig(**{**SMALL, "projector_rank": 3}))
+    model.projector.set_basis(basis)
+    out = model.projector(torch.randn(5, 4))
+    assert out.shape == (5, 16)
+    assert torch.allclose(out - (out @ basis) @ basis.T, torch.zeros_like(out), atol=1e-5)  # no part outside the span
+    with pytest.raises(ValueError, match="orthonormal"):
+        model.projector.set_basis(2 * basis)
+    path = save_cvae_checkpoint(tmp_path / "s.pt", model, encoder_name="enc", mode="fork")
+    loaded, info = load_cvae_checkpoint(path)
+    assert info.config.projector_rank == 3 and torch.equal(loaded.projector.basis, model.projector.basis)
+    z = torch.randn(2, 4)
+    assert torch.equal(loaded.projector(z), model.projector(z))
+
+
+def test_orthogonal_sibling_draws_are_orthogonal_and_marginally_standard_normal():
+    from recipe.iib_lpo.latent.cvae import orthogonal_normal_noise
+
+    g = torch.Generator().manual_seed(0)
+    eps = orthogonal_normal_noise((4000, 4, 8), g)
+    gram = eps @ eps.transpose(-1, -2)
+    off = gram - torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1))
+    assert float(off.abs().max()) < 1e-4
+    # every sibling slot is marginally N(0, I): mean 0, covariance I (4000 draws: s.e. ~0.016 per entry)
+    for k in range(4):
+        rows = eps[:, k].to(torch.float64)
+        assert float(rows.mean(0).abs().max()) < 0.08
+        assert float((rows.T @ rows / rows.shape[0] - torch.eye(8, dtype=torch.float64)).abs().max()) < 0.1
+    independent = torch.randn(4000, 4, 8, generator=g)
+    cos_ind = torch.nn.functional.cosine_similarity(independent[:, 0], independent[:, 1], dim=-1).abs().mean()
+    assert float(cos_ind) > 0.2  # independent siblings are not orthogonal: the coupling does something
+    model = LatentCVAE(CVAEConfig(**SMALL))
+    z = model.sample_prior(torch.randn(3, 8), 4, generator=torch.Generator().manual_seed(1), coupling="orthogonal")
+    assert z.shape == (3, 4, 4)
+    with pytest.raises(ValueError, match="K <= latent_dim"):
+        model.sample_prior(torch.randn(1, 8), 5, coupling="orthogonal")
+    with pytest.raises(ValueError, match="coupling must be one of"):
+        model.sample_prior(torch.randn(1, 8), 2, coupling="antithetic")

@@ -3,14 +3,17 @@
 Imported only inside vLLM processes (the plugin registers these classes lazily by their
 "module:Class" string, so importing ``verl_patches.vllm_latent`` itself never imports this file).
 
-How the latent reaches the model (VLLM_LATENT.md, "recommended path"):
-- The request's prompt ends with one placeholder token id; the latent embedding e = alpha * P(z)
-  travels as a precomputed, one-token "image" embedding (``multi_modal_data={"image": e[1,1,H]}``).
-- The processor below passes that embedding through untouched (no Hugging Face processor is
-  involved) and marks the placeholder as its one-token position.
-- The model scatters e into the input embeddings at that position through the standard
-  multimodal merge (``SupportsMultiModal.embed_input_ids``); every other weight, the forward pass
-  and ``load_weights`` are inherited from vLLM's stock Qwen2/Qwen3 classes.
+How the latent reaches the model (VLLM_LATENT.md, "recommended path"): the latent vector
+v = alpha * P(z) travels as a precomputed, one-token "image" embedding
+(``multi_modal_data={"image": v[1,1,H]}``), passed through untouched by the processor below (no
+Hugging Face processor is involved). Where it goes depends on the prompt's last token
+(recipe/iib_lpo/latent/reference.py, LATENT_INJECTIONS):
+- ``additive`` (any other last token): the last prompt token, the fork token, is the latent's
+  position and keeps its id; the model adds v to its embedding row, E[fork] + v, so v = 0 is the
+  plain prompt exactly.
+- ``inserted`` (the prompt ends with the placeholder id): the placeholder's row is replaced by v.
+Every other weight, the forward pass and ``load_weights`` are inherited from vLLM's stock
+Qwen2/Qwen3 classes.
 - vLLM's prefix cache keys the block holding the placeholder (and all later blocks) by the
   content hash of e, so KV computed with one latent is never served to a request with another.
 """
@@ -102,13 +105,10 @@ class LatentTokenMultiModalProcessor(BaseMultiModalProcessor[LatentTokenProcessi
         num_latents = inputs.mm_data_items.get_count(LATENT_MODALITY, strict=False)
         if num_latents > 1:
             raise ValueError(f"at most one latent per request, got {num_latents}")
-        if num_latents == 1 and isinstance(inputs.prompt, list):
-            placeholder = self.info.placeholder_token_id()
-            if placeholder not in inputs.prompt:
-                raise ValueError(
-                    f"a latent embedding was given but the prompt has no placeholder token (id {placeholder}); "
-                    "build requests with verl_patches.vllm_latent.build_latent_prompt"
-                )
+        if num_latents == 1 and not isinstance(inputs.prompt, list):
+            raise ValueError("a latent needs a token-id prompt (build it with verl_patches.vllm_latent.build_latent_prompt)")
+        if num_latents == 1 and not inputs.prompt:
+            raise ValueError("a latent needs a non-empty prompt (it is added to, or follows, the last token)")
         # A caller-given uuid would replace the latent's content hash in the prefix-cache key, and a
         # reused uuid would serve KV computed with another latent.
         uuids = (inputs.mm_uuid_items or {}).get(LATENT_MODALITY)
@@ -149,6 +149,28 @@ class LatentTokenMultiModalProcessor(BaseMultiModalProcessor[LatentTokenProcessi
             last = len(new_token_ids) - 1 - new_token_ids[::-1].index(placeholder)
             found[LATENT_MODALITY] = [dataclasses.replace(latents[0], start_idx=last)]
         return found
+
+    def _maybe_apply_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        prompt_ids: list[int],
+        mm_kwargs,
+        mm_prompt_updates: MultiModalPromptUpdates,
+        is_update_applied: bool,
+    ) -> tuple[list[int], Mapping[str, list[PlaceholderFeaturesInfo]]]:
+        # Additive latent: a prompt that does not end with the placeholder carries the latent on
+        # its last token, the fork token, which keeps its id (the model adds v to its row).
+        placeholder = self.info.placeholder_token_id()
+        if mm_items.get_count(LATENT_MODALITY, strict=False) == 1 and prompt_ids[-1] != placeholder:
+            self._validate_mm_kwargs(mm_kwargs, mm_items.get_all_counts())
+            fork = PlaceholderFeaturesInfo(
+                modality=LATENT_MODALITY, item_idx=0, start_idx=len(prompt_ids) - 1,
+                tokens=[prompt_ids[-1]], is_embed=None,
+            )
+            return prompt_ids, {LATENT_MODALITY: [fork]}
+        return super()._maybe_apply_prompt_updates(
+            mm_items, prompt_ids, mm_kwargs, mm_prompt_updates, is_update_applied
+        )
 
     def _get_mm_fields_config(
         self,
@@ -191,6 +213,7 @@ class _LatentTokenMethods:
                 f"({embedding_rows} rows); pick an unused row, e.g. >= 151665 for Qwen2.5"
             )
         self.configure_mm_token_handling(config.get_text_config().vocab_size, [placeholder])
+        self._latent_placeholder_id = placeholder
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         latent_embeds = kwargs.pop(LATENT_EMBEDS_FIELD, None)
@@ -215,10 +238,24 @@ class _LatentTokenMethods:
         is_multimodal: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # The stock class's one-argument embed_input_ids precedes SupportsMultiModal's in the
-        # MRO; call the multimodal merge explicitly so the latent replaces the placeholder's row.
-        return SupportsMultiModal.embed_input_ids(
-            self, input_ids, multimodal_embeddings, is_multimodal=is_multimodal
+        # MRO, so the merge is written here: a latent position holding the placeholder id gets v
+        # (inserted), any other (the fork token, additive) gets E[token] + v, summed in the model
+        # dtype as in the reference (recipe/iib_lpo/latent/reference.add_to_fork_token).
+        inputs_embeds = self._embed_text_input_ids(
+            input_ids, self.get_language_model().embed_input_ids, is_multimodal=is_multimodal
         )
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return inputs_embeds
+        if is_multimodal is None:
+            raise ValueError("latent embeddings given without their positions (is_multimodal)")
+        latents = torch.cat(list(multimodal_embeddings), dim=0).to(inputs_embeds.dtype)
+        positions = is_multimodal.to(device=inputs_embeds.device).nonzero().squeeze(-1)
+        if positions.numel() != latents.shape[0]:
+            raise ValueError(f"{latents.shape[0]} latent rows for {positions.numel()} latent positions")
+        inserted = (input_ids.to(positions.device)[positions] == self._latent_placeholder_id).unsqueeze(-1)
+        rows = inputs_embeds[positions]
+        inputs_embeds[positions] = torch.where(inserted, latents, rows + latents)
+        return inputs_embeds
 
 
 _register_processor = MULTIMODAL_REGISTRY.register_processor(

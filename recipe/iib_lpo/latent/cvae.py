@@ -5,10 +5,17 @@ Networks (all MLPs, ``num_layers`` linear layers of width ``hidden_width``, SiLU
 * prior      p_psi(z | e_x)       = N(mu_p, diag exp(logvar_p))   -- queried at rollout time
 * posterior  q_phi(z | e_x, e_y)  = N(mu_q, diag exp(logvar_q))   -- training only
 * decoder    e_y_hat(e_x, z)                                       -- training only
-* projector  P: R^{d_z} -> R^{policy hidden}                       -- the latent token's input embedding
+* projector  P: R^{d_z} -> R^{policy hidden}                       -- the latent vector v = alpha * P(z)
 
-Loss (paper-code parity): ||e_y_hat - e_y||^2 + beta * KL(q || p), averaged over the batch
-(the squared error is summed over embedding dimensions, the KL over latent dimensions).
+P is either a free two-layer MLP (``projector_rank = 0``, paper code) or, with ``projector_rank
+= r > 0``, an MLP to r coordinates in a fixed orthonormal basis B [hidden, r] of the top-r
+principal directions of the policy's embedding matrix (:func:`embedding_principal_basis`), so
+P(z) = B @ mlp(z) stays in the span the model reads its input embeddings from.
+
+Losses: embedding mode (lars, prefix, lm; paper-code parity) ||e_y_hat - e_y||^2 + beta *
+KL(q || p), averaged over the batch (the squared error summed over embedding dimensions, the KL
+over latent dimensions). ``fork`` mode trains prior, posterior and P through the frozen policy on
+its own fork continuations instead (latent/fork_training.py; the decoder is unused there).
 
 Checkpoints are one ``torch.save`` file holding plain state dicts plus a header (format version,
 CVAE config, encoder name, mode, condition scheme, training summary) so that a policy / encoder /
@@ -26,10 +33,14 @@ applies too), so a lars prior gives every fork point of a prompt the same latent
 as in the paper's code, instead of being queried with texts it never saw. The scheme follows
 from the mode (:data:`MODE_CONDITION_SCHEME`); the loader refuses a header where they disagree.
 
+Injection (header field ``injection``, latent/reference.py LATENT_INJECTIONS): how P's output
+enters the policy, which is how P was trained; the rollout injects the same way.
+
 Format history: version 2 added ``condition_scheme`` and changed how condition texts are cut to
 the encoder's length (the question is kept, the prefix shortened from its start;
 text_encoder.py). Version-1 checkpoints were trained on differently cut conditions and are
-refused with that reason: retrain them with train_cvae.
+refused with that reason: retrain them with train_cvae. Version 3 added ``injection`` and the
+span projector; a version-2 file reads as ``injection="inserted"`` (all it could be trained for).
 """
 
 from __future__ import annotations
@@ -45,14 +56,19 @@ import torch
 from torch import nn
 
 CHECKPOINT_FORMAT = "iib_lpo.cvae"
-CHECKPOINT_FORMAT_VERSION = 2
-CVAE_MODES = ("lars", "prefix", "lm")
+CHECKPOINT_FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (2, 3)
+CVAE_MODES = ("fork", "lars", "prefix", "lm")
 # What the prior is conditioned on (module docstring): the question alone, or question + prefix.
 CONDITION_SCHEMES = ("question", "question_prefix")
-MODE_CONDITION_SCHEME = {"lars": "question", "prefix": "question_prefix", "lm": "question_prefix"}
+MODE_CONDITION_SCHEME = {"fork": "question_prefix", "lars": "question", "prefix": "question_prefix",
+                         "lm": "question_prefix"}
 
 # log-variances are clamped to this range before exp(): an untrained or diverging network can
 # otherwise emit logvar = +-100 and produce inf/0 standard deviations (NaN KL, NaN latents).
+# How the K siblings of one fork draw their z (LatentCVAE.sample_prior).
+SIBLING_COUPLINGS = ("independent", "orthogonal")
+
 LOGVAR_MIN = -12.0
 LOGVAR_MAX = 8.0
 
@@ -73,6 +89,8 @@ class CVAEConfig:
         random map, so alpha * P(z) starts as a weak signal).
     beta_kl: weight of the KL term, default 1.0 (the paper's loss has no weight; beta < 1 is the
         usual remedy for posterior collapse).
+    projector_rank: 0 (default): P is a free MLP to the policy width; r > 0: P = B @ mlp(z) with B
+        the top-r principal directions of the policy's embedding matrix (module docstring).
     """
 
     embed_dim: int = 1536
@@ -83,6 +101,7 @@ class CVAEConfig:
     projector_hidden_width: int = 256
     projector_init_std: float = 0.01
     beta_kl: float = 1.0
+    projector_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("embed_dim", "latent_dim", "hidden_width", "num_layers", "policy_hidden_size",
@@ -90,6 +109,9 @@ class CVAEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"CVAEConfig.{name} must be a positive int, got {value!r}")
+        rank = self.projector_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank <= self.policy_hidden_size:
+            raise ValueError(f"CVAEConfig.projector_rank must be an int in [0, policy_hidden_size], got {rank!r}")
         if not (self.projector_init_std > 0 and math.isfinite(self.projector_init_std)):
             raise ValueError(f"CVAEConfig.projector_init_std must be > 0, got {self.projector_init_std}")
         if not (self.beta_kl >= 0 and math.isfinite(self.beta_kl)):
@@ -109,13 +131,20 @@ def mlp(in_dim: int, hidden_width: int, out_dim: int, num_layers: int) -> nn.Seq
     return nn.Sequential(*layers)
 
 
+def gaussian_kl_per_dim(
+    mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
+) -> torch.Tensor:
+    """KL(N(mu_q, diag e^logvar_q) || N(mu_p, diag e^logvar_p)) per dimension, same shape as the inputs."""
+    var_ratio = torch.exp(logvar_q - logvar_p)
+    mean_term = (mu_q - mu_p).pow(2) * torch.exp(-logvar_p)
+    return 0.5 * (var_ratio + mean_term - 1.0 + logvar_p - logvar_q)
+
+
 def gaussian_kl(
     mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor
 ) -> torch.Tensor:
     """KL(N(mu_q, diag e^logvar_q) || N(mu_p, diag e^logvar_p)) summed over the last dim -> [B]."""
-    var_ratio = torch.exp(logvar_q - logvar_p)
-    mean_term = (mu_q - mu_p).pow(2) * torch.exp(-logvar_p)
-    return 0.5 * (var_ratio + mean_term - 1.0 + logvar_p - logvar_q).sum(dim=-1)
+    return gaussian_kl_per_dim(mu_q, logvar_q, mu_p, logvar_p).sum(dim=-1)
 
 
 def reparameterize(
@@ -161,6 +190,57 @@ class LatentProjector(nn.Module):
         return self.net(z)
 
 
+class SpanProjector(nn.Module):
+    """P(z) = B @ mlp(z): a two-layer MLP to r coordinates in the fixed orthonormal basis B [hidden, r]
+    (a buffer, saved with the weights; zeros until :meth:`set_basis`)."""
+
+    def __init__(self, latent_dim: int, hidden_width: int, out_dim: int, rank: int, init_std: float = 0.01):
+        super().__init__()
+        self.net = LatentProjector(latent_dim, hidden_width, rank, init_std).net
+        self.register_buffer("basis", torch.zeros(out_dim, rank))
+
+    def set_basis(self, basis: torch.Tensor) -> None:
+        if tuple(basis.shape) != tuple(self.basis.shape):
+            raise ValueError(f"basis must have shape {tuple(self.basis.shape)}, got {tuple(basis.shape)}")
+        gram = basis.T.to(torch.float64) @ basis.to(torch.float64)
+        if not torch.allclose(gram, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-4):
+            raise ValueError("basis columns must be orthonormal")
+        self.basis.copy_(basis)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z) @ self.basis.T
+
+
+def embedding_principal_basis(embedding_matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-``rank`` principal directions [hidden, rank] (orthonormal columns) of the rows of a
+    policy's input embedding matrix [V, hidden], centred; computed in float64."""
+    rows = embedding_matrix.detach().to(torch.float64)
+    if rows.dim() != 2 or not 1 <= rank <= min(rows.shape):
+        raise ValueError(f"need a [V, hidden] matrix and 1 <= rank <= min(V, hidden), got {tuple(rows.shape)}, {rank}")
+    _, _, vh = torch.linalg.svd(rows - rows.mean(dim=0, keepdim=True), full_matrices=False)
+    return vh[:rank].T.contiguous().to(torch.float32)
+
+
+def orthogonal_normal_noise(
+    shape: Sequence[int], generator: torch.Generator | None = None, device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """Noise [..., K, d] whose K rows are mutually orthogonal while each row is marginally N(0, I).
+
+    Gram-Schmidt (QR) of K independent standard normal rows keeps each row's norm: the norm of
+    a Gaussian vector is independent of its direction, and each orthogonalised direction is
+    uniform on the sphere, so norm x direction is again N(0, I) per row. Needs K <= d.
+    """
+    *lead, k, d = shape
+    if k > d:
+        raise ValueError(f"orthogonal draws need K <= latent_dim, got K={k}, d={d}")
+    g = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float64 if dtype == torch.float32 else dtype)
+    q, r = torch.linalg.qr(g.transpose(-1, -2))  # q [..., d, K]
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    directions = (q * signs.unsqueeze(-2)).transpose(-1, -2)  # [..., K, d], row k spans like g_k
+    return (directions * g.norm(dim=-1, keepdim=True)).to(dtype)
+
+
 @dataclass
 class CVAEOutput:
     loss: torch.Tensor  # scalar, recon + beta * KL (batch mean)
@@ -183,9 +263,14 @@ class LatentCVAE(nn.Module):
         self.prior = mlp(c.embed_dim, c.hidden_width, 2 * c.latent_dim, c.num_layers)
         self.posterior = mlp(2 * c.embed_dim, c.hidden_width, 2 * c.latent_dim, c.num_layers)
         self.decoder = mlp(c.embed_dim + c.latent_dim, c.hidden_width, c.embed_dim, c.num_layers)
-        self.projector = LatentProjector(
-            c.latent_dim, c.projector_hidden_width, c.policy_hidden_size, c.projector_init_std
-        )
+        if c.projector_rank:
+            self.projector = SpanProjector(
+                c.latent_dim, c.projector_hidden_width, c.policy_hidden_size, c.projector_rank, c.projector_init_std
+            )
+        else:
+            self.projector = LatentProjector(
+                c.latent_dim, c.projector_hidden_width, c.policy_hidden_size, c.projector_init_std
+            )
 
     def _check_embeddings(self, e: torch.Tensor, name: str, width: int) -> None:
         if e.dim() != 2 or e.shape[-1] != width:
@@ -212,16 +297,34 @@ class LatentCVAE(nn.Module):
         e_x: torch.Tensor,
         num_samples: int,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        coupling: str = "independent",
     ) -> torch.Tensor:
         """num_samples draws from p_psi(z | e_x) per row: [B, num_samples, latent_dim].
 
-        ``generator``: one for the batch, or one per row (see ``reparameterize``)."""
+        ``generator``: one for the batch, or one per row (see ``reparameterize``). ``coupling``
+        (:data:`SIBLING_COUPLINGS`): "independent" draws, or "orthogonal": the siblings' noise
+        vectors are mutually orthogonal, each still marginally N(0, I), so each z is marginally a
+        prior draw (:func:`orthogonal_normal_noise`)."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if coupling not in SIBLING_COUPLINGS:
+            raise ValueError(f"coupling must be one of {SIBLING_COUPLINGS}, got {coupling!r}")
         mu, logvar = self.prior_params(e_x)
         mu = mu.unsqueeze(1).expand(-1, num_samples, -1)
         logvar = logvar.unsqueeze(1).expand(-1, num_samples, -1)
-        return reparameterize(mu, logvar, generator)
+        if coupling == "independent":
+            return reparameterize(mu, logvar, generator)
+        shape = (num_samples, mu.shape[-1])
+        if generator is None or isinstance(generator, torch.Generator):
+            eps = torch.stack([orthogonal_normal_noise(shape, generator, mu.device, mu.dtype) for _ in range(mu.shape[0])]) \
+                if mu.shape[0] else torch.empty(mu.shape, device=mu.device, dtype=mu.dtype)
+        else:
+            generators = list(generator)
+            if len(generators) != mu.shape[0]:
+                raise ValueError(f"{len(generators)} generators for a batch of {mu.shape[0]} rows")
+            eps = torch.stack([orthogonal_normal_noise(shape, g, mu.device, mu.dtype) for g in generators]) \
+                if generators else torch.empty(mu.shape, device=mu.device, dtype=mu.dtype)
+        return mu + torch.exp(0.5 * logvar) * eps
 
     def forward(
         self, e_x: torch.Tensor, e_y: torch.Tensor, generator: torch.Generator | None = None
@@ -252,7 +355,8 @@ class CVAECheckpointInfo:
     config: CVAEConfig
     encoder_name: str
     mode: str
-    condition_scheme: str  # "question" (lars) or "question_prefix" (prefix, lm); see module docstring
+    condition_scheme: str  # "question" (lars) or "question_prefix" (fork, prefix, lm); see module docstring
+    injection: str = "additive"  # how P's output enters the policy (module docstring)
     format_version: int = CHECKPOINT_FORMAT_VERSION
     train_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -263,9 +367,13 @@ def save_cvae_checkpoint(
     *,
     encoder_name: str,
     mode: str,
+    injection: str = "additive",
     train_summary: dict[str, Any] | None = None,
 ) -> Path:
     """Write model weights + header to ``path`` (one file, loadable with weights_only=True).
+
+    injection: how P was trained to enter the policy (latent/reference.py LATENT_INJECTIONS); the
+    rollout injects the same way.
 
     train_summary: plain numbers / strings only (e.g. final ELBO, row counts, seed).
     The header's ``condition_scheme`` is ``MODE_CONDITION_SCHEME[mode]`` (not a free argument, so
@@ -273,12 +381,16 @@ def save_cvae_checkpoint(
     """
     if mode not in CVAE_MODES:
         raise ValueError(f"mode must be one of {CVAE_MODES}, got {mode!r}")
+    from recipe.iib_lpo.latent.reference import check_injection
+
+    check_injection(injection)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "config": dataclasses.asdict(model.config),
         "encoder_name": str(encoder_name),
         "mode": mode,
+        "injection": injection,
         "condition_scheme": MODE_CONDITION_SCHEME[mode],
         "train_summary": dict(train_summary or {}),
         "state_dicts": {
@@ -308,6 +420,7 @@ def load_cvae_checkpoint(
     expected_policy_hidden_size: int | None = None,
     expected_encoder_name: str | None = None,
     expected_mode: str | None = None,
+    expected_injection: str | None = None,
     map_location: str | torch.device = "cpu",
 ) -> tuple[LatentCVAE, CVAECheckpointInfo]:
     """Load and validate a checkpoint written by :func:`save_cvae_checkpoint`.
@@ -339,9 +452,9 @@ def load_cvae_checkpoint(
             f"question-preserving truncation of condition texts (format {CHECKPOINT_FORMAT_VERSION}); its prior "
             f"was trained on differently cut conditions, so retrain it with python -m recipe.iib_lpo.train_cvae"
         )
-    if version != CHECKPOINT_FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise CVAECheckpointError(
-            f"{path}: checkpoint format_version={version} but this code reads version {CHECKPOINT_FORMAT_VERSION}"
+            f"{path}: checkpoint format_version={version} but this code reads versions {READABLE_FORMAT_VERSIONS}"
         )
     raw_config = _header_field(payload, "config", path)
     known = {f.name for f in dataclasses.fields(CVAEConfig)}
@@ -357,11 +470,17 @@ def load_cvae_checkpoint(
         encoder_name=str(_header_field(payload, "encoder_name", path)),
         mode=str(_header_field(payload, "mode", path)),
         condition_scheme=str(_header_field(payload, "condition_scheme", path)),
+        # version 2 predates the additive injection: its P was made for an inserted token
+        injection=str(_header_field(payload, "injection", path)) if version >= 3 else "inserted",
         format_version=version,
         train_summary=dict(payload.get("train_summary") or {}),
     )
     if info.mode not in CVAE_MODES:
         raise CVAECheckpointError(f"{path}: unknown mode {info.mode!r} (known: {CVAE_MODES})")
+    from recipe.iib_lpo.latent.reference import LATENT_INJECTIONS
+
+    if info.injection not in LATENT_INJECTIONS:
+        raise CVAECheckpointError(f"{path}: unknown injection {info.injection!r} (known: {LATENT_INJECTIONS})")
     if info.condition_scheme != MODE_CONDITION_SCHEME[info.mode]:
         raise CVAECheckpointError(
             f"{path}: condition_scheme={info.condition_scheme!r} but a {info.mode!r} checkpoint's prior is trained "
@@ -374,6 +493,7 @@ def load_cvae_checkpoint(
         ("policy_hidden_size", config.policy_hidden_size, expected_policy_hidden_size),
         ("encoder_name", info.encoder_name, expected_encoder_name),
         ("mode", info.mode, expected_mode),
+        ("injection", info.injection, expected_injection),
     ]
     for name, actual, expected in expectations:
         if expected is not None and actual != expected:

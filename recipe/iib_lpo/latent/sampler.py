@@ -90,7 +90,8 @@ class LatentSampler:
         (typically from ``load_cvae_checkpoint``); device: where the CVAE runs;
         condition_scheme: what the prior was trained on (the checkpoint's ``condition_scheme``;
         :meth:`from_checkpoint` takes it from the header). Condition texts are passed through
-        :func:`prior_condition_text` with it before encoding.
+        :func:`prior_condition_text` with it before encoding. injection: how the embeddings enter
+        the policy (the checkpoint's; latent/reference.py LATENT_INJECTIONS), carried to the rollout.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class LatentSampler:
         cvae: LatentCVAE,
         device: str | torch.device = "cpu",
         condition_scheme: str = "question_prefix",
+        injection: str = "additive",
     ):
         if int(encoder.embed_dim) != cvae.config.embed_dim:
             raise ValueError(
@@ -106,7 +108,10 @@ class LatentSampler:
             )
         if condition_scheme not in CONDITION_SCHEMES:
             raise ValueError(f"condition_scheme must be one of {CONDITION_SCHEMES}, got {condition_scheme!r}")
+        from recipe.iib_lpo.latent.reference import check_injection
+
         self.condition_scheme = condition_scheme
+        self.injection = check_injection(injection)
         self.encoder = encoder
         self.device = torch.device(device)
         self.cvae = cvae.to(self.device).eval()
@@ -145,7 +150,7 @@ class LatentSampler:
             device=device,
             dtype=encoder_dtype,
         )
-        return cls(encoder, cvae, device=device, condition_scheme=info.condition_scheme)
+        return cls(encoder, cvae, device=device, condition_scheme=info.condition_scheme, injection=info.injection)
 
     @property
     def policy_hidden_size(self) -> int:
@@ -158,6 +163,7 @@ class LatentSampler:
         num_samples: int,
         alpha: float,
         generator: torch.Generator | None = None,
+        coupling: str = "independent",
     ) -> LatentSamples | None:
         """K = num_samples latent-token embeddings for each of N condition texts.
 
@@ -167,6 +173,7 @@ class LatentSampler:
         condition's draws independent of the rest of the batch. One encoder call covers all N
         conditions. ``condition_texts`` come from :func:`build_condition_text`; each is reduced to
         :func:`prior_condition_text` for this sampler's condition scheme before encoding.
+        ``coupling``: how the K siblings' draws relate (cvae.SIBLING_COUPLINGS).
         """
         alpha = float(alpha)
         if not math.isfinite(alpha) or alpha < 0:
@@ -188,7 +195,7 @@ class LatentSampler:
         e_x = self.encoder.encode(texts).to(device=self.device, dtype=torch.float32)
         if e_x.shape != (len(texts), c.embed_dim):
             raise ValueError(f"encoder returned shape {tuple(e_x.shape)}, expected ({len(texts)}, {c.embed_dim})")
-        z = self.cvae.sample_prior(e_x, num_samples, generator=generator)
+        z = self.cvae.sample_prior(e_x, num_samples, generator=generator, coupling=coupling)
         embeddings = latent_token_embedding(self.cvae.projector, z, alpha)
         if not torch.isfinite(embeddings).all():
             raise FloatingPointError("latent embeddings contain NaN or inf (corrupt CVAE or encoder output)")
@@ -199,3 +206,21 @@ class LatentSampler:
             embedding_norms=embeddings.norm(dim=-1),
             alpha=alpha,
         )
+
+    @torch.no_grad()
+    def z_usage(self, condition_texts: Sequence[str], continuation_texts: Sequence[str]) -> torch.Tensor:
+        """Mean KL(q(z | x, y) || p(z | x)) per latent dimension [d_z] (nats) over N forks: how much
+        the posterior, which sees the continuation y, departs from the prior, i.e. how much
+        information z carries about y. ``condition_texts`` as for sampling; continuations are
+        encoded as plain texts, as in training."""
+        from recipe.iib_lpo.latent.cvae import gaussian_kl_per_dim
+
+        texts = [prior_condition_text(t, self.condition_scheme) for t in condition_texts]
+        continuations = list(continuation_texts)
+        if len(texts) != len(continuations) or not texts:
+            raise ValueError(f"need equal, non-zero numbers of conditions and continuations, got {len(texts)}, {len(continuations)}")
+        e_x = self.encoder.encode(texts).to(device=self.device, dtype=torch.float32)
+        e_y = self.encoder.encode(continuations).to(device=self.device, dtype=torch.float32)
+        mu_q, logvar_q = self.cvae.posterior_params(e_x, e_y)
+        mu_p, logvar_p = self.cvae.prior_params(e_x)
+        return gaussian_kl_per_dim(mu_q, logvar_q, mu_p, logvar_p).mean(dim=0)

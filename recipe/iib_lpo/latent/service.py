@@ -67,6 +67,9 @@ class LatentServiceConfig:
             num_gpus=0 it sees the node's GPUs) else "cpu".
         encoder_dtype: "bfloat16" | "float32" | "float16". Default "bfloat16" on GPU.
         micro_batch_size: encoder micro-batch inside one call. Default 64.
+        sibling_coupling: how the K siblings of a fork draw z: "independent" (default) or
+            "orthogonal" (mutually orthogonal noise, each z still marginally from the prior;
+            latent/cvae.py SIBLING_COUPLINGS; README "The latent" has the measurement).
     """
 
     backend: str = "ray_actor"
@@ -80,8 +83,13 @@ class LatentServiceConfig:
     device: str | None = None
     encoder_dtype: str = "bfloat16"
     micro_batch_size: int = 64
+    sibling_coupling: str = "independent"
 
     def __post_init__(self) -> None:
+        from recipe.iib_lpo.latent.cvae import SIBLING_COUPLINGS
+
+        if self.sibling_coupling not in SIBLING_COUPLINGS:
+            raise ValueError(f"sibling_coupling must be one of {SIBLING_COUPLINGS}, got {self.sibling_coupling!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"latent service backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
@@ -111,6 +119,7 @@ class LatentDraw:
     embedding_norms: torch.Tensor  # [K]
     z_norms: torch.Tensor  # [K]
     alpha: float
+    injection: str = "additive"  # how the embeddings enter the policy (the checkpoint's; latent/reference.py)
 
 
 @dataclass
@@ -126,16 +135,18 @@ class BatchingLatentService:
     """Collects ``sample`` requests and serves each batch with one sampler call.
 
     ``sampler_factory`` builds the ``LatentSampler`` (or anything with the same
-    ``sample_latent_embeddings(texts, num_samples, alpha, generator=None)``, where ``generator`` is
-    None or a list with one generator per text) lazily, on the first batch, inside the executor
+    ``sample_latent_embeddings(texts, num_samples, alpha, generator=None, coupling=...)``, where
+    ``generator`` is None or a list with one generator per text) lazily, on the first batch, inside the executor
     thread. Sampler calls run in a worker thread so the event loop
     keeps collecting requests (and serving generation) meanwhile; calls are serialised.
     """
 
-    def __init__(self, sampler_factory: Callable[[], Any], max_batch_size: int = 64, max_wait_ms: float = 20.0):
+    def __init__(self, sampler_factory: Callable[[], Any], max_batch_size: int = 64, max_wait_ms: float = 20.0,
+                 sibling_coupling: str = "independent"):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._sampler_factory = sampler_factory
+        self._sibling_coupling = sibling_coupling
         self._sampler = None
         self.max_batch_size = int(max_batch_size)
         self.max_wait_s = float(max_wait_ms) / 1000.0
@@ -233,7 +244,8 @@ class BatchingLatentService:
                 else:
                     request_generator.manual_seed(int(seed))
                 generator.append(request_generator)
-        samples = self._sampler.sample_latent_embeddings(texts, num_samples, alpha, generator=generator)
+        samples = self._sampler.sample_latent_embeddings(texts, num_samples, alpha, generator=generator,
+                                                         coupling=self._sibling_coupling)
         if samples is None:
             raise RuntimeError(f"the latent sampler returned no latents for alpha={alpha} > 0")
         embeddings = samples.embeddings.detach().to("cpu", torch.float32)
@@ -248,7 +260,8 @@ class BatchingLatentService:
         z_norms = samples.z_norms.detach().to("cpu", torch.float32)
         return [
             LatentDraw(embeddings=embeddings[i].clone(), embedding_norms=embedding_norms[i].clone(),
-                       z_norms=z_norms[i].clone(), alpha=float(alpha))
+                       z_norms=z_norms[i].clone(), alpha=float(alpha),
+                       injection=str(getattr(self._sampler, "injection", "additive")))
             for i in range(len(texts))
         ]
 
@@ -279,6 +292,7 @@ class _LatentServiceActor:
             lambda: build_sampler_from_config(config, expected_policy_hidden_size),
             max_batch_size=config.max_batch_size,
             max_wait_ms=config.max_wait_ms,
+            sibling_coupling=config.sibling_coupling,
         )
 
     async def sample(self, condition_text: str, num_samples: int, alpha: float, seed: int | None = None):
@@ -336,7 +350,8 @@ def get_latent_service_client(
         return client
     if config.backend == "in_process":
         factory = sampler_factory or (lambda: build_sampler_from_config(config, expected_policy_hidden_size))
-        client = LatentServiceClient(service=BatchingLatentService(factory, config.max_batch_size, config.max_wait_ms))
+        client = LatentServiceClient(service=BatchingLatentService(
+            factory, config.max_batch_size, config.max_wait_ms, config.sibling_coupling))
     else:
         if sampler_factory is not None:
             raise ValueError("sampler_factory is only supported by the in_process backend")

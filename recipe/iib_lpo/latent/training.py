@@ -10,6 +10,11 @@ reasoning); a row without a question or any target is skipped and counted.
 
 Modes (every condition is ``prior_condition_text(build_condition_text(question, prefix),
 MODE_CONDITION_SCHEME[mode])``, the functions the rollout uses too; see latent_sampler.py):
+* ``fork``   (default, issue 20): prior, posterior and P (in the span of the policy's top
+  principal embedding directions, ``--projector-rank``) trained through the frozen policy on its
+  OWN fork continuations, with the posterior, free bits and a bound on the fork KL; the latent is
+  added to the fork token's embedding. latent/fork_training.py says what and why. Needs
+  ``--policy-model``; the encoder may be the policy itself (the demo does that).
 * ``lars``   (paper-code parity): condition = question alone (empty prefix), target = full
   solution. The checkpoint records condition scheme "question" and the rollout queries the prior
   with the question alone (the fork's prefix is dropped), exactly as trained.
@@ -46,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from recipe.iib_lpo.algorithm.branching import BranchingConfig
 from recipe.iib_lpo.latent.cvae import CVAE_MODES, MODE_CONDITION_SCHEME, CVAEConfig, LatentCVAE, save_cvae_checkpoint
 from recipe.iib_lpo.latent.sampler import build_condition_text, prior_condition_text
 
@@ -353,7 +359,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m recipe.iib_lpo.train_cvae", description=__doc__.split("\n\n")[0])
     p.add_argument("--train-parquet", nargs="+", required=True, help="data_prep output parquet file(s)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
-    p.add_argument("--mode", choices=CVAE_MODES, default="prefix", help="lars | prefix (default) | lm")
+    p.add_argument("--mode", choices=CVAE_MODES, default="fork", help="fork (default) | lars | prefix | lm")
+    p.add_argument("--injection", choices=("additive", "inserted"), default="additive",
+                   help="how P's output enters the policy, recorded in the checkpoint (default additive; fork "
+                        "mode trains additive only)")
     p.add_argument("--encoder", default="microsoft/deberta-v2-xlarge",
                    help="HF encoder id or local dir (default: deberta-v2-xlarge, as in the paper code)")
     p.add_argument("--encoder-max-length", type=int, default=512, help="tokens per text (default 512, paper code)")
@@ -384,12 +393,32 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="CVAE batch size (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the CVAE (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of cuts, init, batching and sampling (default 0)")
-    p.add_argument("--lm-alpha", type=float, default=1.0, help="lm mode: alpha used while training P (default 1.0)")
+    p.add_argument("--lm-alpha", type=float, default=1.0, help="lm and fork modes: alpha used while training P (default 1.0)")
     p.add_argument("--lm-epochs", type=int, default=1, help="lm mode: epochs over the lm pairs (default 1)")
     p.add_argument("--lm-lr", type=float, default=1e-3, help="lm mode: Adam learning rate of P (default 1e-3)")
     p.add_argument("--lm-max-pairs", type=int, default=2000, help="lm mode: pairs used to train P (default 2000)")
     p.add_argument("--lm-max-suffix-tokens", type=int, default=128,
                    help="lm mode: suffix tokens scored per pair (default 128)")
+    fork = p.add_argument_group("fork mode (latent/fork_training.py)")
+    fork.add_argument("--projector-rank", type=int, default=None,
+                      help="r of P's principal-direction span (default: min(64, policy hidden) in fork mode, 0 = free "
+                           "MLP otherwise)")
+    fork.add_argument("--fork-temperature", type=float, default=1.0, help="sampling temperature of the own forks "
+                      "and of the fork KL (default 1.0, the recipe's rollout temperature)")
+    fork.add_argument("--fork-max-new-tokens", type=int, default=1024,
+                      help="response length of the sampled parents (default 1024; set the rollout's response length)")
+    fork.add_argument("--fork-max-continuation-tokens", type=int, default=64,
+                      help="continuation tokens scored per fork (default 64)")
+    fork.add_argument("--fork-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
+    fork.add_argument("--free-bits", type=float, default=0.1, help="KL floor per latent dim, nats (default 0.1)")
+    fork.add_argument("--fork-kl-target", type=float, default=0.5, help="fork-KL hinge point, nats (default 0.5)")
+    fork.add_argument("--hinge-weight", type=float, default=1.0, help="weight of the fork-KL hinge (default 1.0)")
+    fork.add_argument("--rho", type=float, default=BranchingConfig.rho, help="fork rule: as iib_lpo.branching.rho")
+    fork.add_argument("--t-min", type=int, default=BranchingConfig.t_min, help="fork rule: iib_lpo.branching.t_min")
+    fork.add_argument("--t-margin", type=int, default=BranchingConfig.t_margin,
+                      help="fork rule: iib_lpo.branching.t_margin")
+    fork.add_argument("--fork-strategy", default=BranchingConfig.strategy,
+                      help="fork rule: iib_lpo.branching.strategy (uniform | argmax)")
     p.add_argument("--no-progress", action="store_true", help="disable tqdm bars")
     return p
 
@@ -411,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         policy_hidden = args.policy_hidden_size
 
     rows, row_stats = load_training_rows(args.train_parquet, args.solution_key, args.max_rows)
+    if args.mode == "fork":
+        return _main_fork(args, rows, row_stats, policy_hidden)
     pairs = make_training_pairs(rows, args.mode, cuts_per_example=args.cuts_per_example, seed=args.seed)
     logger.info("%d rows -> %d (condition, target) pairs in %s mode", len(rows), len(pairs), args.mode)
 
@@ -470,8 +501,74 @@ def main(argv: Sequence[str] | None = None) -> Path:
         )
         summary.update({"lm_pairs": n, "lm_alpha": args.lm_alpha, "lm_latent_source": "prior",
                         "lm_final_suffix_nll": nll[-1] if nll else math.nan})
-    out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode=args.mode, train_summary=summary)
+    out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode=args.mode,
+                               injection=args.injection, train_summary=summary)
     logger.info("wrote %s (%s)", out, summary)
+    return out
+
+
+def _main_fork(args, rows: list[TrainingRow], row_stats: RowStats, policy_hidden: int) -> Path:
+    """``--mode fork``: own forks of the frozen policy -> embeddings -> fork_training.train_fork_latent."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recipe.iib_lpo.latent import fork_training
+    from recipe.iib_lpo.latent.cvae import embedding_principal_basis
+    from recipe.iib_lpo.latent.text_encoder import TextEncoder
+
+    if not args.policy_model:
+        raise SystemExit("--mode fork needs --policy-model (the latent is trained through the policy)")
+    if args.injection != "additive":
+        raise SystemExit("--mode fork trains the additive injection only (latent/fork_training.py)")
+    if any(r.prompt is None for r in rows):
+        raise SystemExit("--mode fork needs the parquet 'prompt' column (chat messages) for every row")
+    show = not args.no_progress
+    branching = BranchingConfig(rho=args.rho, t_min=args.t_min, t_margin=args.t_margin, strategy=args.fork_strategy)
+    loss_config = fork_training.ForkLossConfig(
+        beta=args.beta_kl, free_bits=args.free_bits, fork_kl_target=args.fork_kl_target,
+        hinge_weight=args.hinge_weight, alpha=args.lm_alpha, temperature=args.fork_temperature)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_model)
+    policy = AutoModelForCausalLM.from_pretrained(args.policy_model, dtype=torch.float32).to(args.device)
+    policy.requires_grad_(False)
+    examples, fork_stats = fork_training.sample_own_forks(
+        policy, tokenizer, [r.prompt for r in rows], [r.question for r in rows], branching,
+        max_new_tokens=args.fork_max_new_tokens, temperature=args.fork_temperature,
+        max_continuation_tokens=args.fork_max_continuation_tokens, batch_size=args.fork_batch_size,
+        seed=args.seed, show_progress=show)
+    logger.info("%d prompts -> %d own forks (skipped %s)", fork_stats.prompts, fork_stats.forks, fork_stats.skipped)
+    encoder = TextEncoder(args.encoder, max_length=args.encoder_max_length, micro_batch_size=args.encoder_batch_size,
+                          truncation_side=args.encoder_truncation_side, device=args.device,
+                          dtype=getattr(torch, args.encoder_dtype))
+    e_x = encoder.encode([ex.condition_text for ex in examples], show_progress=show)
+    e_y = encoder.encode([ex.continuation_text for ex in examples], show_progress=show)
+    rank = args.projector_rank if args.projector_rank is not None else min(64, policy_hidden)
+    config = CVAEConfig(
+        embed_dim=encoder.embed_dim, latent_dim=args.latent_dim, hidden_width=args.hidden_width,
+        num_layers=args.num_layers, policy_hidden_size=policy_hidden,
+        projector_hidden_width=args.projector_hidden_width, projector_init_std=args.projector_init_std,
+        beta_kl=args.beta_kl, projector_rank=rank)
+    del encoder
+    model = LatentCVAE(config).to(args.device)
+    if rank:
+        model.projector.set_basis(embedding_principal_basis(policy.get_input_embeddings().weight, rank).to(args.device))
+    baseline = fork_training.plain_nll(policy, examples)
+    history = fork_training.train_fork_latent(
+        model, policy, examples, e_x, e_y, loss_config, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, show_progress=show)
+    last = history[-1]
+    summary = {
+        "rows_used": row_stats.rows_used, "rows_read": row_stats.rows_read,
+        "rows_skipped": sum(row_stats.skipped.values()), "forks": fork_stats.forks,
+        "forks_skipped": sum(fork_stats.skipped.values()), "epochs": args.epochs, "seed": args.seed,
+        "plain_nll": baseline, "final_nll": last.nll, "final_kl_per_dim": last.kl_per_dim,
+        "final_fork_kl_median": last.fork_kl_median, "free_bits": args.free_bits,
+        "fork_kl_target": args.fork_kl_target, "hinge_weight": args.hinge_weight, "alpha": args.lm_alpha,
+        "fork_temperature": args.fork_temperature, "encoder_truncation_side": args.encoder_truncation_side,
+        "encoder_max_length": args.encoder_max_length,
+    }
+    out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode="fork", injection="additive",
+                               train_summary=summary)
+    logger.info("wrote %s: plain NLL/token %.4f -> with posterior z %.4f, KL/dim %.4f, median fork KL %.4f",
+                out, baseline, last.nll, last.kl_per_dim, last.fork_kl_median)
     return out
 
 

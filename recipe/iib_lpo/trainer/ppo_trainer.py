@@ -41,7 +41,7 @@ from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, AdvantageConf
 from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, TextStats, ib_estimator_spec, question_text, text_stats
 from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step, row_kind, row_role
 from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
-from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics
+from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics, importance_sampling_metrics, is_truncation_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,8 @@ class IibLpoTrainer(PPOTrainerSync):
         roles = [row_role(u, s, e) for u, s, e in zip(rows["uid"], rows["session_id"], rows["extra_fields"], strict=True)]
         rollout_corr_config = self.config.algorithm.get("rollout_correction", None)
         bypass = rollout_corr_config is not None and rollout_corr_config.get("bypass_mode", False)
+        # before rollout correction can touch the mask
+        metrics.update(self._importance_sampling_by_role(data, roles, rows["extra_fields"], rollout_corr_config))
         if rollout_corr_config is not None and "rollout_log_probs" in data.batch and not bypass:
             metrics.update(self._rollout_corr_by_role(data, roles))
             data, is_metrics = compute_rollout_correction_and_add_to_batch(data, rollout_corr_config)
@@ -242,6 +244,24 @@ class IibLpoTrainer(PPOTrainerSync):
             )
             out.update({f"iib_lpo/{name}_{k.split('/', 1)[1]}": v for k, v in sub.items()})
         return out
+
+    @staticmethod
+    def _importance_sampling_by_role(data: DataProto, roles: list[RowRole], extra_fields: list[dict],
+                                     rollout_corr_config: Any) -> dict[str, float]:
+        """``step_metrics.importance_sampling_metrics`` (``iib_lpo/is/<role>/...``) of the batch, with the
+        truncation threshold of the run's ``algorithm.rollout_correction.rollout_is_threshold`` (verl's
+        default 2.0 without one), over every sampled response token (the mask before the Top-N filter
+        and rollout correction, so dropped branches count too). {} without both ``old_log_probs`` and
+        ``rollout_log_probs``, and in bypass mode, where verl copies the rollout's log-probs into
+        ``old_log_probs`` (every w = 1)."""
+        bypass = rollout_corr_config is not None and rollout_corr_config.get("bypass_mode", False)
+        if bypass or "old_log_probs" not in data.batch or "rollout_log_probs" not in data.batch:
+            return {}
+        threshold = is_truncation_threshold(
+            rollout_corr_config.get("rollout_is_threshold") if rollout_corr_config is not None else None
+        )
+        return importance_sampling_metrics(roles, extra_fields, data.batch["old_log_probs"],
+                                           data.batch["rollout_log_probs"], data.batch["response_mask"], threshold)
 
     def _write_step_inputs(self, rows: dict, roles: list[RowRole]) -> None:
         """One JSON line per step: the prompts, their seed keys and the latent schedule at this step.
