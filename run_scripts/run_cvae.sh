@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The CVAE stage, before RL (METHOD.md "The CVAE stage"): train the condition encoder's CVAE prior
 # and the latent projector P that the I2B-LPO runs load (python -m recipe.iib_lpo.train_cvae).
-# Defaults: prefix mode ((question + solution prefix) -> suffix pairs cut at step boundaries, how
-# the prior is queried at rollout), DeBERTa-v2-xlarge encoder (the paper code's), P as wide as the
-# policy's hidden size (read from MODEL_PATH), MATH + GSM8K training solutions (the paper code's
-# pairs; DAPO-Math has no reference solutions).
+# Defaults: fork mode (the policy's own forks at its high-entropy tokens; prior, posterior and P
+# trained through the frozen policy, P in the span of its top embedding directions), DeBERTa-v2-xlarge
+# encoder (the paper code's), MATH + GSM8K training prompts. The latent is opt-in in the RL runs
+# (LATENT_MODE=cvae): README "The latent" has the measurement behind that.
 #
 #   bash run_scripts/run_cvae.sh [extra train_cvae options, e.g. --epochs 10 --max-rows 5000]
 #   DRY_RUN=1 bash run_scripts/run_cvae.sh    # print the command, run nothing
@@ -16,7 +16,8 @@
 #                       path run_qwen7b.sh reads)
 #   CVAE_TRAIN_FILES    space-separated parquet files from prepare_data.sh
 #                       (default $DATA_DIR/math_train.parquet $DATA_DIR/gsm8k_train.parquet)
-#   CVAE_MODE           prefix (default) | lars (paper-code parity) | lm (also trains P through the
+#   CVAE_MODE           fork (default: prior, posterior and P through the frozen policy on its own
+#                       forks, latent/fork_training.py) | prefix | lars (paper-code parity) | lm (also trains P through the
 #                       frozen policy)
 #   CVAE_ENCODER        HF id or local directory (default microsoft/deberta-v2-xlarge)
 #   CVAE_ENCODER_DTYPE  default bfloat16 when an NVIDIA GPU is visible, else float32
@@ -25,7 +26,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 : "${CVAE_TRAIN_FILES:=$DATA_DIR/math_train.parquet $DATA_DIR/gsm8k_train.parquet}"
-: "${CVAE_MODE:=prefix}"
+: "${CVAE_MODE:=fork}"
 : "${CVAE_ENCODER:=microsoft/deberta-v2-xlarge}"
 if [[ -z "${CVAE_ENCODER_DTYPE:-}" ]]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
@@ -34,7 +35,7 @@ if [[ -z "${CVAE_ENCODER_DTYPE:-}" ]]; then
     CVAE_ENCODER_DTYPE=float32
   fi
 fi
-case "$CVAE_MODE" in prefix|lars|lm) ;; *) die "CVAE_MODE must be prefix, lars or lm, got '$CVAE_MODE'";; esac
+case "$CVAE_MODE" in fork|prefix|lars|lm) ;; *) die "CVAE_MODE must be fork, prefix, lars or lm, got '$CVAE_MODE'";; esac
 case "$CVAE_ENCODER_DTYPE" in float32|bfloat16|float16) ;; *) die "CVAE_ENCODER_DTYPE must be float32, bfloat16 or float16";; esac
 read -r -a cvae_files <<< "$CVAE_TRAIN_FILES"
 (( ${#cvae_files[@]} )) || die "CVAE_TRAIN_FILES is empty"

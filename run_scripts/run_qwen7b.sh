@@ -13,7 +13,8 @@
 #   CVAE_CKPT             CVAE checkpoint (default $OUTPUT_DIR/cvae/cvae.pt, written by run_cvae.sh)
 #   PLACEHOLDER_TOKEN_ID  the latent token: an unused embedding row (Qwen2.5: 151665; the model
 #                         profile sets it)
-#   LATENT_MODE           cvae (default) | none      (run_qwen7b_ablation_no_latent.sh: none)
+#   LATENT_MODE           none (default: fork and resample plainly, the recipe's default) | cvae (the
+#                         latent, opt-in: README "The latent"; needs CVAE_CKPT from run_cvae.sh)
 #   IB_TOP_N              branches kept per parent; null = ceil(K/2) (..._no_ib_filter.sh: K)
 #   LAMBDA_IB             weight of the IB score in the advantage, 0.5 (..._no_ib_reward.sh: 0)
 #   LATENT_SERVICE_DEVICE cuda (default) | cpu; LATENT_SERVICE_NUM_GPUS 0 (see the memory plan)
@@ -53,7 +54,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 : "${EXPERIMENT_NAME:=${MODEL_PROFILE}_iib_lpo}"
-: "${LATENT_MODE:=cvae}"
+: "${LATENT_MODE:=none}"
 : "${IB_TOP_N:=null}"
 : "${LAMBDA_IB:=0.5}"
 : "${LATENT_SERVICE_NUM_GPUS:=0}"      # see the memory plan above: not a Ray GPU fraction
@@ -88,7 +89,7 @@ ALGO_OVERRIDES=(
   actor_rollout_ref.actor.clip_ratio_high=0.2
   actor_rollout_ref.actor.loss_agg_mode=token-mean
   actor_rollout_ref.actor.policy_loss.loss_mode=vanilla
-  # latents: the CVAE prior, injected as one virtual token at this embedding row
+  # latents (LATENT_MODE=cvae): v = P(z), z from the CVAE prior, added to the fork token's embedding
   "iib_lpo.latent.mode=$LATENT_MODE"
   "iib_lpo.latent.placeholder_token_id=$PLACEHOLDER_TOKEN_ID"
   "iib_lpo.latent.service.checkpoint_path=$CVAE_CKPT"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # I2B-LPO ablation on Qwen2.5-7B, one node x 8 GPUs: run_qwen7b.sh with ONE knob changed --
 #   iib_lpo.latent.mode=none: fork at the same high-entropy token and resample the branch without a
-#   latent (no CVAE needed). The honest ablation of the latent (METHOD.md step 4).
+#   latent (no CVAE needed). The honest ablation of the latent (METHOD.md step 4); since the latent
+#   failed the branch-quality bar this is also the recipe's default (README "The latent"), and the
+#   script pins it so the study's arm stays this one whatever the default becomes.
 #
 #   bash run_scripts/run_qwen7b_ablation_no_latent.sh [hydra overrides...]
 #   DRY_RUN=1 bash run_scripts/run_qwen7b_ablation_no_latent.sh    # print the resolved config

@@ -24,7 +24,7 @@ ALLOWED = {
     "eval": {"algorithm", "reward"},
     "demo": {"algorithm", "latent", "rollout", "reward", "trainer", "eval"},
 }
-TOP_LEVEL_ENTRIES = {"__init__", "main", "train_cvae"}
+TOP_LEVEL_ENTRIES = {"__init__", "main", "train_cvae", "latent_quality"}
 # third-party roots the pure algorithm may use
 ALGORITHM_THIRD_PARTY = {"torch", "numpy"}
 

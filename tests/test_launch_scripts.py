@@ -250,14 +250,14 @@ IIB_LPO_KEYS = {
     "actor_rollout_ref.rollout.name": "iib_lpo_vllm",
     "actor_rollout_ref.rollout.agent.default_agent_loop": "iib_lpo_branching",
     "actor_rollout_ref.rollout.agent.agent_loop_manager_class": "recipe.iib_lpo.rollout.manager.IibLpoAgentLoopManagerTQ",
-    "iib_lpo.latent.mode": "cvae",
+    "iib_lpo.latent.mode": "none",
     "iib_lpo.latent.placeholder_token_id": 151665,
     "iib_lpo.latent.service.num_gpus": 0,
     "iib_lpo.latent.service.device": "cuda",
     "iib_lpo.ib.top_n": None,
     "iib_lpo.advantage.lambda_ib": 0.5,
     # derived by the entry point from iib_lpo.latent: the server and the agent loop agree
-    "actor_rollout_ref.rollout.custom.iib_lpo.latent_injection": True,
+    "actor_rollout_ref.rollout.custom.iib_lpo.latent_injection": False,
     "actor_rollout_ref.rollout.custom.iib_lpo.latent_placeholder_token_id": 151665,
 }
 EXPECTED_ALGORITHM = {
@@ -423,8 +423,9 @@ def test_missing_cvae_checkpoint_fails_with_a_clear_error(env_dir):
     data.mkdir(exist_ok=True)
     for name in ["math_train", "dapo_math_train", *(f"{d}_test" for d in EVAL_SETS)]:
         (data / f"{name}.parquet").touch()
-    run = _run("run_qwen7b.sh", [], _base_env(env_dir, DATA_DIR=str(data), MODEL_PATH=str(env_dir / "no_model")),
-               timeout=60)
+    # the latent is opt-in (LATENT_MODE=cvae); then its checkpoint must exist
+    run = _run("run_qwen7b.sh", [], _base_env(env_dir, DATA_DIR=str(data), MODEL_PATH=str(env_dir / "no_model"),
+                                              LATENT_MODE="cvae"), timeout=60)
     assert run.returncode == 2
     assert "CVAE checkpoint not found" in run.stderr and "run_cvae.sh" in run.stderr
 
@@ -512,5 +513,5 @@ def test_run_cvae_writes_the_checkpoint_the_runs_load(env_dir, configs):
         (argv,) = _printed_commands(run, "recipe.iib_lpo.train_cvae")
         args = build_arg_parser().parse_args(argv)
         assert args.out == get(configs[script], "iib_lpo.latent.service.checkpoint_path")
-        assert (args.mode, args.encoder, args.policy_model) == ("prefix", "microsoft/deberta-v2-xlarge", model)
+        assert (args.mode, args.encoder, args.policy_model) == ("fork", "microsoft/deberta-v2-xlarge", model)
         assert args.train_parquet == [str(data_dir / "math_train.parquet"), str(data_dir / "gsm8k_train.parquet")]

