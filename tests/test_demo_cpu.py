@@ -1,9 +1,10 @@
-"""The README's main command in its smallest form: ``python -m recipe.iib_lpo.demo --smoke``.
+"""The README's main command in its smallest form: ``python -m recipe.iib_lpo.demo --smoke --latent``.
 
-It goes through every stage a default run goes through (warm start, the CVAE CLI, I2B-LPO and
-GRPO with verl's trainer, the eval CLI, report and plots) with 2 training steps, under a hard
-timeout; every assertion is on what the run wrote. A second invocation must reuse what the first
-one built.
+It goes through every stage a default run goes through (warm start, the latent stage's CLI, the
+branch-quality measurement, I2B-LPO and GRPO with verl's trainer, the eval CLI, report and plots)
+with 2 training steps, under a hard timeout; every assertion is on what the run wrote. ``--latent``
+(the opt-in) makes the I2B-LPO run inject the latent, so the additive latent is exercised through
+vLLM inside verl's trainer too. A second invocation must reuse what the first one built.
 """
 
 import json
@@ -31,7 +32,7 @@ def _run_demo(out: Path, timeout_s: float) -> tuple[int, str, float]:
     import psutil
 
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "recipe.iib_lpo.demo", "--smoke", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "recipe.iib_lpo.demo", "--smoke", "--latent", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
@@ -75,7 +76,7 @@ def test_one_terminal_line_per_step_and_the_noise_in_log_files(smoke):
             pattern = rf"{algo}\s+step\s+{step}/{STEPS}\s+reward [0-9.]+\s+acc [0-9.]+.*step [0-9.]+ s"
             assert re.search(pattern, output), f"no step line for {algo} step {step}:\n{output[-3000:]}"
         assert (smoke["out"] / "runs" / algo / "train.log").stat().st_size > 10_000  # Ray/vLLM output went there
-    assert "[7/7]" in output and "expected about" in output  # phases announced with their durations
+    assert "[8/8]" in output and "expected about" in output  # phases announced with their durations
     # engine and Ray noise stays out of the terminal
     assert "WARNING" not in output and "(raylet)" not in output and "VLLM" not in output
 
@@ -88,6 +89,9 @@ def test_metrics_and_iib_lpo_step_metrics_were_written(smoke):
     iib = _metrics(smoke["out"], "iib_lpo")
     assert all(m["iib_lpo/fork_rate"] > 0 and 0 < m["iib_lpo/keep_rate"] < 1 for m in iib)
     assert iib[0]["iib_lpo/latent_status/injected"] > 0  # latent branches went through vLLM
+    # the honest metrics of issue 20: injected and plain branches apart, and how off-policy they are
+    assert all(0 <= m["iib_lpo/is/branch_injected/truncated_share"] <= 1 for m in iib)
+    assert all(m["iib_lpo/num_branch_injected"] + m["iib_lpo/num_branch_plain"] > 0 for m in iib)
     assert iib[0]["iib_lpo/latent_sampling_s"] > 0 and all(m["iib_lpo/text_stats_from_rollout"] == 1.0 for m in iib)
     assert all("iib_lpo/ib_score_kept" in m for m in iib)
     assert not any(k.startswith("iib_lpo/") for m in _metrics(smoke["out"], "grpo") for k in m)
@@ -152,6 +156,20 @@ def test_report_plots_and_warm_start(smoke):
     assert summary["paired"]["grpo_minus_warm_start"]["se"] >= 0
     assert summary["settings"]["steps"] == STEPS
     assert (out / "cvae" / "cvae.pt").is_file() and (out / "logs" / "cvae.log").is_file()
+
+
+def test_branch_quality_was_measured_after_the_latent_stage(smoke):
+    report = json.loads((smoke["out"] / "latent_quality.json").read_text())
+    assert report["default_arm"] == "plain"  # the recipe's default: latent.mode=none
+    assert set(report["arms"]) == {"plain", "latent", "latent_orthogonal", "first_token_distinct"}
+    assert report["meta"]["num_forks"] == 20 and report["meta"]["injection"] == "additive"
+    keys = {"branch_acc", "acc_ratio", "acc_ratio_ci", "distinct4_diff", "distinct4_diff_ci", "answers_diff",
+            "answers_diff_ci", "fork_kl_median", "log_ratio_mean", "truncated_share", "z_usage", "nll_ratio"}
+    for arm, metrics in report["arms"].items():
+        assert keys <= set(metrics), arm
+    assert report["arms"]["plain"]["distinct4_diff"] == 0 and report["arms"]["latent"]["z_usage"] >= 0
+    # the problems: the validation split (the latent stage trained on other rows)
+    assert (smoke["out"] / "latent_quality" / "quality_problems.parquet").is_file()
 
 
 def test_second_run_reuses_what_the_first_built(smoke):

@@ -22,7 +22,8 @@ ALLOWED = {
     "rollout": {"algorithm", "latent"},
     "trainer": {"algorithm", "latent", "rollout", "reward"},
     "eval": {"algorithm", "reward"},
-    "demo": {"algorithm", "latent", "rollout", "reward", "trainer", "eval"},
+    # the demo is the top of the stack: it may also call the branch-quality tool (a top-level entry)
+    "demo": {"algorithm", "latent", "rollout", "reward", "trainer", "eval", "latent_quality"},
 }
 TOP_LEVEL_ENTRIES = {"__init__", "main", "train_cvae", "latent_quality"}
 # third-party roots the pure algorithm may use

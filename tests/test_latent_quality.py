@@ -274,7 +274,7 @@ def test_end_to_end_json_with_every_key(tmp_path, tiny_qwen2_dir, latent_sampler
     report = lq.measure_latent_quality(tiny_qwen2_dir, data, sampler=sampler, num_forks=2, k=K, max_new_tokens=20,
                                        bootstrap=20, out=out, progress=False, alpha=4.0)
     assert json.loads(out.read_text()) == report
-    assert set(report) == {"default_arm", "meta", "arms", "acceptance"} and report["default_arm"] == "latent"
+    assert set(report) == {"default_arm", "meta", "arms", "acceptance"} and report["default_arm"] == "plain"  # the YAML default: latent.mode=none
     assert list(report["arms"]) == list(lq.ARMS)
     meta = report["meta"]
     assert meta["num_forks"] == 2 and meta["is_threshold"] == 2.0 and meta["injection"] == "additive"

@@ -14,6 +14,7 @@ run is reused only if it finished every step and wrote its HF export.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -314,6 +315,35 @@ def quality_problems(plan: DemoPlan, data: dict, folder: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _logs_to_file(path: Path):
+    """While an in-process stage runs, its log records (e.g. the reward's failed answer checks) go to
+    ``path`` instead of the terminal."""
+    import logging
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    consoles = [(h, h.level) for h in root.handlers if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)]
+    for h, _ in consoles:
+        h.setLevel(logging.CRITICAL + 1)
+    old_level, old_last_resort = root.level, logging.lastResort
+    root.addHandler(handler)
+    root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    logging.lastResort = None
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(old_level)
+        logging.lastResort = old_last_resort
+        for h, level in consoles:
+            h.setLevel(level)
+
+
 def stage_latent_quality(plan: DemoPlan, out: Path, data: dict, warm: dict, cvae: dict, con: Console) -> dict:
     """``python -m recipe.iib_lpo.latent_quality`` on the warm start and the latent checkpoint ->
     ``<out>/latent_quality.json`` and its table (README, "The latent")."""
@@ -331,9 +361,10 @@ def stage_latent_quality(plan: DemoPlan, out: Path, data: dict, warm: dict, cvae
         con.line(f"  $ python -m recipe.iib_lpo.latent_quality --policy {warm['dir']} --latent {cvae['checkpoint']} "
                  f"--data {problems} --num-forks {plan.quality_forks} --max-new-tokens {plan.max_response_length} "
                  f"--seed {plan.seed} --out {path}")
-        report = measure_latent_quality(warm["dir"], problems, latent=cvae["checkpoint"], num_forks=plan.quality_forks,
-                                        max_new_tokens=plan.max_response_length, seed=plan.seed, out=path,
-                                        progress=False, device="cpu")
+        with _logs_to_file(out / "logs" / "latent_quality.log"):
+            report = measure_latent_quality(warm["dir"], problems, latent=cvae["checkpoint"],
+                                            num_forks=plan.quality_forks, max_new_tokens=plan.max_response_length,
+                                            seed=plan.seed, out=path, progress=False, device="cpu")
         _mark_stage(folder, key)
     for line in format_table(report).splitlines():
         con.line("  " + line)

@@ -1,12 +1,14 @@
-"""One check of an I2B-LPO run's config before anything starts (no Ray, no GPU, no model load).
+"""One check of a run's config before anything starts (no Ray, no GPU, no model load).
 
 ``check_iib_lpo_config(config)`` raises ``RecipeConfigError`` listing every problem, each naming
-the key and the fix, so a bad run fails at start-up instead of at step 1. It only applies when
-``algorithm.adv_estimator=iib_lpo``; baselines launched through the same entry point skip it.
+the key and the fix, so a bad run fails at start-up instead of at step 1. The I2B-LPO checks apply
+when ``algorithm.adv_estimator=iib_lpo``; :func:`recipe_path_problems` (paths written for the
+recipe's old flat layout) applies to baselines launched through the same entry point too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Any
@@ -19,10 +21,9 @@ from recipe.iib_lpo.algorithm.ib_step import rounds_problems
 from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
 from recipe.iib_lpo.rollout.layout import AGENT_NAME as AGENT_LOOP_NAME
 from verl_patches import cpu_platform
+from verl_patches.rollout_server import ROLLOUT_NAME
 
 MANAGER_CLASS = "recipe.iib_lpo.rollout.manager.IibLpoAgentLoopManagerTQ"
-
-ROLLOUT_NAME = "iib_lpo_vllm"
 
 
 def estimator_problems(estimator: str) -> list[str]:
@@ -37,8 +38,6 @@ def estimator_problems(estimator: str) -> list[str]:
 def recipe_path_problems(config: Any) -> list[str]:
     """Dotted paths into this recipe (the agent-loop manager class, the reward function's module)
     that do not exist: an override written for an older layout names the module it moved from."""
-    import importlib.util
-
     agent = config.actor_rollout_ref.rollout.agent
     reward = config.get("reward", {}).get("custom_reward_function") or {}
     manager, reward_path = agent.get("agent_loop_manager_class"), reward.get("path")
