@@ -29,6 +29,7 @@ class CountingSampler:
     def sample_latent_embeddings(self, texts, num_samples, alpha, generator=None, coupling="independent"):
         import time
 
+        self.couplings = getattr(self, "couplings", []) + [coupling]
         time.sleep(self.delay)
         self.calls.append((list(texts), num_samples, alpha, generator is not None))
         if self.fail:
@@ -53,6 +54,20 @@ def test_concurrent_requests_share_one_sampler_call():
         assert torch.allclose(draw.embeddings[:, 0], expected) and draw.embeddings.shape == (3, 6)
         assert torch.allclose(draw.embedding_norms, draw.embeddings.norm(dim=-1))
     assert service.stats()["batch_sizes"] == [10]
+
+
+def test_sibling_coupling_and_injection_travel_through_the_service():
+    """The config's sibling_coupling reaches the sampler; the sampler's injection reaches every draw."""
+    from recipe.iib_lpo.latent.service import LatentServiceConfig, get_latent_service_client
+
+    sampler = CountingSampler()
+    sampler.injection = "inserted"
+    config = LatentServiceConfig(backend="in_process", sibling_coupling="orthogonal")
+    client = get_latent_service_client(config, sampler_factory=lambda: sampler)
+    draw = asyncio.run(client.sample("question 3", 2, 1.0, seed=0))
+    assert sampler.couplings == ["orthogonal"] and draw.injection == "inserted"
+    with pytest.raises(ValueError, match="sibling_coupling must be one of"):
+        LatentServiceConfig(sibling_coupling="antithetic")
 
 
 def test_max_batch_size_splits_and_alpha_zero_skips_the_sampler():

@@ -90,10 +90,11 @@ class DemoPlan:
     # control that shows identical weights give identical samples, so a difference means new weights
     eval_repeat_warm: bool = False
     # expected durations on 2 idle cores (announced with each phase), seconds; measured 2026-12-02 on an AMD EPYC
-    # without AVX512 (README, "Does it learn?"): warm start 442 s, CVAE 16 s, a trainer run 3-4.5 min of
-    # start-up + 10-15 s per step, evaluation 412 s for 2 models x 300 problems x 8 samples
+    # without AVX512 (README, "Does it learn?"): warm start 442 s, a trainer run 3-4.5 min of start-up + 10-15 s
+    # per step, evaluation 412 s for 2 models x 300 problems x 8 samples; 2026-12-03 (AVX512): latent stage 164 s,
+    # branch quality 178 s
     expect_s: dict = field(default_factory=lambda: {
-        "data": 10, "warm": 450, "cvae": 300, "quality": 120, "iib_lpo": 220, "grpo": 200, "eval": 600, "report": 10})
+        "data": 10, "warm": 450, "cvae": 180, "quality": 180, "iib_lpo": 220, "grpo": 200, "eval": 600, "report": 10})
     expect_step_s: float = 13.0  # a trainer stage is expected to take expect_s[algo] (start-up) + steps x this
 
     @property
@@ -498,7 +499,9 @@ def stage_train(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cv
                 con: Console) -> dict:
     spec = run_spec(plan, algo, out, data, warm, cvae)
     run_dir = Path(spec.out_dir)
-    key = {"overrides": spec.hydra_overrides(), "warm": warm["digest"], "cvae": cvae["digest"] if cvae else None}
+    # the latent checkpoint matters only to a run that injects it
+    key = {"overrides": spec.hydra_overrides(), "warm": warm["digest"],
+           "cvae": cvae["digest"] if (cvae and spec.cvae_checkpoint is not None) else None}
     export = hf_export_dir(run_dir, plan.steps)
     if _stage_matches(run_dir, key) and (export / "config.json").exists():
         con.line(f"  reused {run_dir} (same settings; finished)")
