@@ -43,12 +43,15 @@ def old_cosine_alpha(step: int, total_steps: int) -> float:
 
 
 def next_token_logprobs(model, context_ids: list[int], latent: torch.Tensor | None) -> torch.Tensor:
-    """log p(next token | context [+ latent token]) [V], from the reference forward pass."""
+    """log p(next token | context [+ latent token]) [V], from the reference forward pass. The latent is
+    an INSERTED token: this diagnostic documents what the inserted token's scale did (README,
+    "Latent schedule: measured effect"); the additive latent's scale is tested in
+    tests/test_latent_reference_alpha_scale.py."""
     from recipe.iib_lpo.latent.reference import continuation_logits
 
     # The logits row of the first continuation token depends only on what precedes it, so any
     # token id works as the dummy continuation.
-    return torch.log_softmax(continuation_logits(model, context_ids, [0], latent)[0], dim=-1)
+    return torch.log_softmax(continuation_logits(model, context_ids, [0], latent, "inserted")[0], dim=-1)
 
 
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:

@@ -105,7 +105,7 @@ class CpuRunSpec:
         ]
         if self.algorithm == "iib_lpo":
             if self.cvae_checkpoint is not None:
-                out += [f"iib_lpo.latent.service.checkpoint_path={self.cvae_checkpoint}",
+                out += ["iib_lpo.latent.mode=cvae", f"iib_lpo.latent.service.checkpoint_path={self.cvae_checkpoint}",
                         f"iib_lpo.latent.placeholder_token_id={self.placeholder_token_id}",
                         "iib_lpo.latent.service.backend=ray_actor", "iib_lpo.latent.service.num_gpus=0",
                         "iib_lpo.latent.service.device=cpu", "iib_lpo.latent.service.encoder_dtype=float32"]
