@@ -349,14 +349,14 @@ def test_latent_schedule_by_global_step(tiny_qwen2_dir):
     cfg = BranchingRolloutConfig.from_trainer_config(_config(tiny_qwen2_dir))
     assert cfg.latent_probability(5) == 1.0 and cfg.schedule.scale == 0.5
     # verl's global step g is 1-based (schedule step g - 1): linear from 1 to 0 over 10 steps
-    lin = BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
+    lin = BranchingRolloutConfig(latent_mode="cvae", placeholder_token_id=3, total_steps=10,
                                     schedule=LatentSchedule(kind="linear", p_init=1.0, p_min=0.0))
     assert lin.latent_probability(1) == 1.0 and math.isclose(lin.latent_probability(6), 0.5)
     assert lin.latent_probability(50) == 0.0
     none = BranchingRolloutConfig(latent_mode="none")
     assert none.latent_probability(3) == 0.0
     with pytest.raises(ValueError, match="total_training_steps"):
-        BranchingRolloutConfig(placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
+        BranchingRolloutConfig(latent_mode="cvae", placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
 
 
 def test_placeholder_in_prefix_forks_without_latent(tiny_qwen2_dir, tokenizer):

@@ -253,16 +253,16 @@ def test_probability_one_always_injects_and_zero_never(tiny_qwen2_dir, tokenizer
 
 
 def test_latent_probability_follows_the_schedule_by_global_step(tiny_qwen2_dir):
-    cfg = BranchingRolloutConfig(placeholder_token_id=3, total_steps=10,
+    cfg = BranchingRolloutConfig(latent_mode="cvae", placeholder_token_id=3, total_steps=10,
                                     schedule=LatentSchedule(kind="linear", p_init=1.0, p_min=0.0, scale=2.0))
     # verl's global steps are 1-based: step g is schedule step g - 1
     assert cfg.latent_probability(1) == 1.0 and cfg.latent_probability(6) == pytest.approx(0.5)
     assert cfg.latent_probability(50) == 0.0 and cfg.schedule.scale == 2.0
     assert BranchingRolloutConfig(latent_mode="none").latent_probability(3) == 0.0
     with pytest.raises(ValueError, match="total_training_steps"):
-        BranchingRolloutConfig(placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
+        BranchingRolloutConfig(latent_mode="cvae", placeholder_token_id=3, schedule=LatentSchedule(kind="cosine")).latent_probability(2)
     # exponential needs no total
-    expo = BranchingRolloutConfig(placeholder_token_id=3,
+    expo = BranchingRolloutConfig(latent_mode="cvae", placeholder_token_id=3,
                                      schedule=LatentSchedule(kind="exponential", decay_rate=0.5))
     assert expo.latent_probability(3) == pytest.approx(0.25)
 

@@ -152,14 +152,15 @@ def _reference_logprobs(model, context_ids, continuation_ids, latent, banned=(PL
 
 def _plain_forward_logprobs(model, context_ids, continuation_ids, latent, banned=(PLACEHOLDER,)):
     """The same log-probs written out with plain transformers, independently of latent_reference:
-    the model's own embedding rows for context and continuation with ``latent`` spliced in as
-    one row between them (none if ``latent`` is None), one forward pass with transformers'
+    the model's own embedding rows for context and continuation with ``latent`` added to the last
+    context row (the fork token; nothing if ``latent`` is None), one forward pass with transformers'
     default position ids, banned tokens masked, log_softmax, gather."""
     table = model.get_input_embeddings()
-    rows = [table(torch.tensor(context_ids))]
-    if latent is not None:
-        rows.append(latent.to(rows[0].dtype).reshape(1, -1))
-    rows.append(table(torch.tensor(continuation_ids)))
+    with torch.no_grad():
+        context_rows = table(torch.tensor(context_ids)).clone()
+        if latent is not None:
+            context_rows[-1] += latent.to(context_rows.dtype)
+    rows = [context_rows, table(torch.tensor(continuation_ids))]
     with torch.no_grad():
         logits = model(inputs_embeds=torch.cat(rows)[None]).logits[0].float()
     first = sum(r.shape[0] for r in rows[:-1])  # position of the first continuation token
@@ -258,7 +259,7 @@ def test_tier1_branching_latent_cache_and_alignment(cluster, tokenizer, hf_model
                 assert branch.response_logprobs[:t] == parent.response_logprobs[:t]
                 assert len(branch.response_ids) == len(branch.response_logprobs) == RESPONSE_LENGTH
                 # The latent reached the engine: the continuation's log-probs are those of the
-                # reference model given prompt + prefix + that latent token.
+                # reference model given prompt + prefix with that latent added to the fork token.
                 condition = build_condition_text(question, tokenizer.decode(parent.response_ids[:t], skip_special_tokens=True))
                 latent = sampler.by_text[condition][k]
                 assert math.isclose(ef["iib_latent_norm"], float(latent.norm()), rel_tol=1e-5)

@@ -71,7 +71,7 @@ def test_layout_and_agent_loop_values_equal_rollout_defaults(group):
 def test_agent_loop_parses_the_yaml_as_a_trainer_config_group():
     config = OmegaConf.merge(
         OmegaConf.load(YAML_PATH),
-        {"iib_lpo": {"latent": {"placeholder_token_id": 151665}}, "trainer": {"total_training_steps": 100}},
+        {"iib_lpo": {"latent": {"mode": "cvae", "placeholder_token_id": 151665}}, "trainer": {"total_training_steps": 100}},
     )
     parsed = BranchingRolloutConfig.from_trainer_config(config)
     assert (parsed.num_initial, parsed.num_branches, parsed.placeholder_token_id) == (2, 3, 151665)
@@ -93,7 +93,8 @@ def test_a_stale_alpha_block_or_unknown_key_is_refused_not_ignored():
 
 
 def test_the_yaml_fails_loudly_without_a_placeholder_for_cvae_latents():
-    config = OmegaConf.merge(OmegaConf.load(YAML_PATH), {"trainer": {"total_training_steps": 10}})
+    config = OmegaConf.merge(OmegaConf.load(YAML_PATH), {"iib_lpo": {"latent": {"mode": "cvae"}},
+                                                         "trainer": {"total_training_steps": 10}})
     with pytest.raises(ValueError, match="placeholder_token_id"):
         BranchingRolloutConfig.from_trainer_config(config)
 

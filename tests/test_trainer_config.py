@@ -44,7 +44,7 @@ def cvae_ckpt(tmp_path, tiny_qwen2_dir):
 
 
 def _good(tiny_qwen2_dir, ckpt):
-    return [f"actor_rollout_ref.model.path={tiny_qwen2_dir}", "iib_lpo.latent.placeholder_token_id=3",
+    return [f"actor_rollout_ref.model.path={tiny_qwen2_dir}", "iib_lpo.latent.mode=cvae", "iib_lpo.latent.placeholder_token_id=3",
             f"iib_lpo.latent.service.checkpoint_path={ckpt}"]
 
 

@@ -45,7 +45,7 @@ class BranchingRolloutConfig:
     num_branches: int = 3
     branching: BranchingConfig = field(default_factory=BranchingConfig)
     entropy: EntropyConfig = field(default_factory=lambda: EntropyConfig(source="topk", top_k=20))
-    latent_mode: str = "cvae"
+    latent_mode: str = "none"  # the recipe's default (config/iib_lpo.yaml; README "The latent")
     placeholder_token_id: int | None = None
     schedule: LatentSchedule = field(default_factory=LatentSchedule)
     total_steps: int | None = None
@@ -85,7 +85,7 @@ class BranchingRolloutConfig:
             num_branches=int(raw.get("num_branches", 3)),
             branching=BranchingConfig(**dict(raw.get("branching") or {})),
             entropy=EntropyConfig(**entropy),
-            latent_mode=str(latent.get("mode", "cvae")),
+            latent_mode=str(latent.get("mode", "none")),
             placeholder_token_id=latent.get("placeholder_token_id"),
             schedule=LatentSchedule(**dict(latent.get("schedule") or {})),
             total_steps=None if total_steps is None else int(total_steps),
