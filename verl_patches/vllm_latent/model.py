@@ -14,8 +14,10 @@ Hugging Face processor is involved). Where it goes depends on the prompt's last 
 - ``inserted`` (the prompt ends with the placeholder id): the placeholder's row is replaced by v.
 Every other weight, the forward pass and ``load_weights`` are inherited from vLLM's stock
 Qwen2/Qwen3 classes.
-- vLLM's prefix cache keys the block holding the placeholder (and all later blocks) by the
-  content hash of e, so KV computed with one latent is never served to a request with another.
+- vLLM's prefix cache keys the block holding the latent's position (and all later blocks) by the
+  content hash of v, so KV computed with one latent is never served to a request with another.
+- The placeholder id lies inside the embedding matrix (checked at start), so vLLM never masks a
+  latent position's id before embedding it: the fork token keeps its own row.
 """
 
 from __future__ import annotations
