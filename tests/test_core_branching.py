@@ -1,7 +1,9 @@
 """Bifurcation-point rule (METHOD.md step 2)."""
 
+import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from recipe.iib_lpo.algorithm.branching import (
     candidate_positions,
     choose_fork_position,
     choose_fork_positions,
+    gumbel_top_k,
+    sibling_first_tokens,
+    without_replacement_log_ratios,
 )
 
 
@@ -105,3 +110,60 @@ def test_batched_helper_list_and_padded():
         choose_fork_positions(padded, cfg, seed=11)
     with pytest.raises(ValueError, match="response 1: entropy is NaN"):
         choose_fork_positions([torch.ones(12), torch.tensor([0.0, float("nan")])], cfg, seed=0)
+
+
+def test_gumbel_top_k_distinct_dominant_first_and_first_pick_is_a_plain_sample():
+    logprobs = torch.log_softmax(torch.tensor([8.0, 0.0, 0.0, 0.0, 0.0, 0.0]), dim=-1)
+    for seed in range(20):
+        ids = gumbel_top_k(logprobs, 4, torch.Generator().manual_seed(seed)).tolist()
+        assert len(ids) == 4 and len(set(ids)) == 4
+        assert ids[0] == 0  # p(token 0) ~ 0.9966
+    # tokens outside the support (top-p: -inf) never come back, even if k asks for more
+    masked = torch.tensor([0.0, float("-inf"), math.log(0.5), float("-inf")])
+    assert sorted(gumbel_top_k(masked, 4, torch.Generator().manual_seed(0)).tolist()) == [0, 2]
+    # the first pick is distributed as p (mutation: dropping or flipping the noise fails this)
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    gen = torch.Generator().manual_seed(0)
+    firsts = [int(gumbel_top_k(probs.log(), 2, gen)[0]) for _ in range(3000)]
+    freq = np.bincount(firsts, minlength=3) / len(firsts)
+    np.testing.assert_allclose(freq, probs.numpy(), atol=0.03)
+
+
+def test_without_replacement_log_ratios_known_values():
+    logprobs = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    ratios = without_replacement_log_ratios(logprobs, [0, 1, 2])
+    assert ratios == pytest.approx([0.0, -math.log(0.5), -math.log(0.2)])
+
+
+def test_sibling_first_tokens_distinct_with_sequential_behaviour_logprobs():
+    """The K siblings' tokens at t*: distinct, from the fork row's ids, with the behaviour log-prob of
+    sequential sampling without replacement over the row renormalised (mass S)."""
+    ids = [11, 22, 33, 44]
+    lp = [math.log(0.5), math.log(0.2), math.log(0.15), math.log(0.05)]  # S = 0.9 (top-k of a larger vocab)
+    for seed in range(30):
+        tokens, behaviour = sibling_first_tokens(ids, lp, 3, seed)
+        assert len(tokens) == 3 and len(set(tokens)) == 3 and set(tokens) <= set(ids)
+        p = {i: math.exp(v) for i, v in zip(ids, lp)}
+        remaining, want = 0.9, []
+        for t in tokens:
+            want.append(math.log(p[t] / remaining))
+            remaining -= p[t]
+        assert behaviour == pytest.approx(want, abs=1e-12)
+        # same seed, same draw: every sibling of one fork point computes its own token alike
+        assert sibling_first_tokens(ids, lp, 3, seed) == (tokens, behaviour)
+    # K = support: the whole row, the last sibling's behaviour probability is 1 (nothing else left)
+    tokens, behaviour = sibling_first_tokens(ids, lp, 4, 0)
+    assert sorted(tokens) == sorted(ids) and behaviour[-1] == pytest.approx(0.0, abs=1e-9)
+    # -inf entries (outside top-p) are never drawn, and K beyond the support returns the support only
+    tokens, _ = sibling_first_tokens(ids, [0.0, float("-inf"), math.log(0.5), float("-inf")], 3, 1)
+    assert sorted(tokens) == [11, 33]
+    # the first sibling is an ordinary draw of the renormalised row (mutation: a fixed order fails this)
+    firsts = [sibling_first_tokens(ids, lp, 2, s)[0][0] for s in range(3000)]
+    freq = np.array([firsts.count(i) for i in ids]) / len(firsts)
+    np.testing.assert_allclose(freq, np.exp(lp) / 0.9, atol=0.03)
+    with pytest.raises(ValueError, match="as many ids"):
+        sibling_first_tokens([1, 2], [0.0], 1, 0)
+    with pytest.raises(ValueError, match="no finite"):
+        sibling_first_tokens([1], [float("-inf")], 1, 0)
+    with pytest.raises(ValueError, match="sibling_first_tokens"):
+        BranchingConfig(sibling_first_tokens="orthogonal")

@@ -62,29 +62,6 @@ def test_tempered_logprobs_are_verls_actor_view():
         lq.tempered_logprobs(logits, 0.0)
 
 
-def test_gumbel_top_k_distinct_dominant_first_and_first_pick_is_a_plain_sample():
-    logprobs = torch.log_softmax(torch.tensor([8.0, 0.0, 0.0, 0.0, 0.0, 0.0]), dim=-1)
-    for seed in range(20):
-        ids = lq.gumbel_top_k(logprobs, 4, torch.Generator().manual_seed(seed)).tolist()
-        assert len(ids) == 4 and len(set(ids)) == 4
-        assert ids[0] == 0  # p(token 0) ~ 0.9966
-    # tokens outside the support (top-p: -inf) never come back, even if k asks for more
-    masked = torch.tensor([0.0, float("-inf"), math.log(0.5), float("-inf")])
-    assert sorted(lq.gumbel_top_k(masked, 4, torch.Generator().manual_seed(0)).tolist()) == [0, 2]
-    # the first pick is distributed as p (mutation: dropping or flipping the noise fails this)
-    probs = torch.tensor([0.6, 0.3, 0.1])
-    gen = torch.Generator().manual_seed(0)
-    firsts = [int(lq.gumbel_top_k(probs.log(), 2, gen)[0]) for _ in range(3000)]
-    freq = np.bincount(firsts, minlength=3) / len(firsts)
-    np.testing.assert_allclose(freq, probs.numpy(), atol=0.03)
-
-
-def test_without_replacement_log_ratios_known_values():
-    logprobs = torch.log(torch.tensor([0.5, 0.3, 0.2]))
-    ratios = lq.without_replacement_log_ratios(logprobs, [0, 1, 2])
-    assert ratios == pytest.approx([0.0, -math.log(0.5), -math.log(0.2)])
-
-
 def test_truncated_share_and_threshold_spec():
     # weights exp(-r): e^1 and e^0.9 > 2 (truncated), 1, e^-0.8 (the arm's token is likelier: kept)
     assert lq.truncated_share(np.array([-1.0, -0.9, 0.0, 0.8]), 2.0) == 0.5

@@ -76,6 +76,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from recipe.iib_lpo.algorithm.branching import gumbel_top_k, without_replacement_log_ratios
+
 ARMS = ("plain", "latent", "latent_orthogonal", "first_token_distinct")
 PLAIN_ARMS = ("plain", "first_token_distinct")
 LATENT_COUPLING = {"latent": "independent", "latent_orthogonal": "orthogonal"}
@@ -121,41 +123,6 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
     p = logp.exp()
     terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
     return float(terms.sum())
-
-
-def gumbel_top_k(logprobs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``min(k, support)`` DISTINCT token ids drawn without replacement from ``softmax(logprobs)`` [V].
-
-    Gumbel-top-k: the k largest of ``logprobs + Gumbel noise``, in decreasing order, are a draw of
-    k tokens without replacement, in the order sequential sampling would pick them (the first is
-    an ordinary sample). Tokens with log-prob -inf (outside top-p) are never returned, so fewer
-    than k come back when the support is smaller than k.
-    """
-    if logprobs.dim() != 1:
-        raise ValueError(f"logprobs must be a vector [V], got shape {tuple(logprobs.shape)}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device, dtype=torch.float64)
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300)))
-    keys = logprobs.to(torch.float64) + gumbel
-    support = int(torch.isfinite(logprobs).sum())
-    return torch.topk(keys, min(k, support)).indices
-
-
-def without_replacement_log_ratios(logprobs: torch.Tensor, tokens: Sequence[int]) -> list[float]:
-    """log pi_arm(y_k) - log p(y_k) for siblings k whose first tokens were drawn without replacement.
-
-    In the sequential view, sibling k draws from p renormalised over the tokens its earlier
-    siblings did not take: pi_arm(y_k) = p(y_k) / (1 - sum_{j<k} p(y_j)), so the log ratio is
-    ``-log(1 - sum_{j<k} p(y_j))`` (0 for the first sibling, >= 0 after). ``logprobs`` [V]: the
-    distribution the ratio is taken against (the tempered plain policy).
-    """
-    probs = logprobs.to(torch.float64).exp()
-    out, taken = [], 0.0
-    for token in tokens:
-        out.append(-math.log1p(-min(taken, 1.0 - 1e-12)))
-        taken += float(probs[int(token)])
-    return out
 
 
 def parse_is_threshold(spec: float | int | str) -> float:

@@ -31,10 +31,16 @@ __all__ = [
     "candidate_positions",
     "choose_fork_position",
     "choose_fork_positions",
+    "SIBLING_FIRST_TOKENS",
+    "gumbel_top_k",
+    "sibling_first_tokens",
+    "without_replacement_log_ratios",
 ]
 
 FORK_OK = "ok"
 NO_FORK_TOO_SHORT = "too_short"
+# BranchingConfig.sibling_first_tokens: how the K siblings of one fork point pick their token at t*
+SIBLING_FIRST_TOKENS = ("independent", "distinct")
 
 
 @dataclass(frozen=True)
@@ -84,12 +90,18 @@ class BranchingConfig:
             of tokens. Decision (the paper does not say); set 0 to allow every position.
         strategy: "uniform" (paper: t* ~ Uniform(Omega)) or "argmax" (authors' code:
             highest-entropy position; ties -> earliest).
+        sibling_first_tokens: "independent" (default: each sibling samples its token at t*
+            on its own, as a plain resample) or "distinct" (the K siblings' tokens at t* are
+            drawn WITHOUT replacement from the fork's sampling distribution,
+            :func:`sibling_first_tokens`, then each continues plainly: siblings differ from
+            their first token; the idea of LATR, arXiv 2510.24302; README "The latent").
     """
 
     rho: float = 0.05
     t_min: int = 1
     t_margin: int = 8
     strategy: str = "uniform"
+    sibling_first_tokens: str = "independent"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.rho, (int, float)) and 0.0 < self.rho <= 1.0):
@@ -100,6 +112,9 @@ class BranchingConfig:
                 raise ValueError(f"BranchingConfig.{name} must be a non-negative int, got {value!r}")
         if self.strategy not in FORK_RULES:
             raise ValueError(f"BranchingConfig.strategy must be one of {tuple(FORK_RULES)}, got {self.strategy!r}")
+        if self.sibling_first_tokens not in SIBLING_FIRST_TOKENS:
+            raise ValueError(f"BranchingConfig.sibling_first_tokens must be one of {SIBLING_FIRST_TOKENS}, "
+                             f"got {self.sibling_first_tokens!r}")
 
     @property
     def needs_seed(self) -> bool:
@@ -258,3 +273,78 @@ def choose_fork_positions(
         except ValueError as err:
             raise ValueError(f"response {i}: {err}") from err
     return decisions
+
+
+# -- the siblings' tokens at t* ("distinct") ---------------------------------------------------------
+
+
+def gumbel_top_k(logprobs: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``min(k, support)`` DISTINCT indices drawn without replacement from ``softmax(logprobs)`` [V].
+
+    Gumbel-top-k: the k largest of ``logprobs + Gumbel noise``, in decreasing order, are a draw of
+    k items without replacement, in the order sequential sampling would pick them (the first is
+    an ordinary sample). Entries with log-prob -inf (e.g. outside top-p) are never returned, so
+    fewer than k come back when the support is smaller than k.
+    """
+    if logprobs.dim() != 1:
+        raise ValueError(f"logprobs must be a vector [V], got shape {tuple(logprobs.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if bool(torch.isnan(logprobs).any()):
+        raise ValueError("logprobs contain NaN")
+    uniform = torch.rand(logprobs.shape, generator=generator, device=logprobs.device, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-300)))
+    keys = logprobs.to(torch.float64) + gumbel
+    support = int(torch.isfinite(logprobs).sum())
+    return torch.topk(keys, min(k, support)).indices
+
+
+def without_replacement_log_ratios(logprobs: torch.Tensor, tokens: Sequence[int]) -> list[float]:
+    """log pi_arm(y_k) - log p(y_k) for siblings k whose first tokens were drawn without replacement.
+
+    In the sequential view, sibling k draws from p renormalised over the tokens its earlier
+    siblings did not take: pi_arm(y_k) = p(y_k) / (1 - sum_{j<k} p(y_j)), so the log ratio is
+    ``-log(1 - sum_{j<k} p(y_j))`` (0 for the first sibling, >= 0 after). ``logprobs`` [V]: the
+    (normalised) distribution the ratio is taken against.
+    """
+    probs = logprobs.to(torch.float64).exp()
+    out, taken = [], 0.0
+    for token in tokens:
+        out.append(-math.log1p(-min(taken, 1.0 - 1e-12)))
+        taken += float(probs[int(token)])
+    return out
+
+
+def sibling_first_tokens(
+    topk_ids: Sequence[int], topk_logprobs: Sequence[float] | torch.Tensor, num_siblings: int, seed: int
+) -> tuple[list[int], list[float]]:
+    """The tokens at t* of the K siblings of one fork point under ``sibling_first_tokens="distinct"``.
+
+    ``topk_ids`` / ``topk_logprobs`` [k]: the fork row the engine returned for the parent's token
+    at t* (the k most likely tokens of the sampling distribution, after temperature / top-p, and
+    their log-probs; -inf outside top-p). The draw is over these k tokens renormalised (mass S),
+    so every sibling of one fork point computes the same draw from the same ``seed``.
+
+    Returns (tokens, behaviour log-probs), ``min(num_siblings, support)`` of each, in draw order:
+    sibling j's token is what sequential sampling without replacement picks j-th (Gumbel-top-k),
+    and its behaviour log-prob is that of the distribution it was drawn from, p renormalised over
+    the tokens its earlier siblings did not take: ``log p_j - log(S - sum_{i<j} p_i)``. Siblings
+    beyond the support are the caller's (plain resamples).
+    """
+    lp = torch.as_tensor(topk_logprobs, dtype=torch.float64).flatten()
+    if lp.numel() != len(topk_ids) or lp.numel() == 0:
+        raise ValueError(f"a fork row needs as many ids as log-probs (>= 1), got {len(topk_ids)} and {lp.numel()}")
+    if num_siblings < 1:
+        raise ValueError(f"num_siblings must be >= 1, got {num_siblings}")
+    if not bool(torch.isfinite(lp).any()):
+        raise ValueError("the fork row has no finite log-prob")
+    order = gumbel_top_k(lp, num_siblings, torch.Generator().manual_seed(int(seed))).tolist()
+    probs = lp.exp()
+    remaining = float(probs.sum())
+    tokens, behaviour = [], []
+    for index in order:
+        p = float(probs[index])
+        tokens.append(int(topk_ids[index]))
+        behaviour.append(float(lp[index]) - math.log(max(remaining, p)))  # max: float rounding near the last
+        remaining -= p
+    return tokens, behaviour

@@ -361,8 +361,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--mode", choices=CVAE_MODES, default="fork", help="fork (default) | lars | prefix | lm")
     p.add_argument("--injection", choices=("additive", "inserted"), default="additive",
-                   help="how P's output enters the policy, recorded in the checkpoint (default additive; fork "
-                        "mode trains additive only)")
+                   help="how P's output enters the policy, recorded in the checkpoint (default additive)")
     p.add_argument("--encoder", default="microsoft/deberta-v2-xlarge",
                    help="HF encoder id or local dir (default: deberta-v2-xlarge, as in the paper code)")
     p.add_argument("--encoder-max-length", type=int, default=512, help="tokens per text (default 512, paper code)")
@@ -516,15 +515,14 @@ def _main_fork(args, rows: list[TrainingRow], row_stats: RowStats, policy_hidden
 
     if not args.policy_model:
         raise SystemExit("--mode fork needs --policy-model (the latent is trained through the policy)")
-    if args.injection != "additive":
-        raise SystemExit("--mode fork trains the additive injection only (latent/fork_training.py)")
     if any(r.prompt is None for r in rows):
         raise SystemExit("--mode fork needs the parquet 'prompt' column (chat messages) for every row")
     show = not args.no_progress
     branching = BranchingConfig(rho=args.rho, t_min=args.t_min, t_margin=args.t_margin, strategy=args.fork_strategy)
     loss_config = fork_training.ForkLossConfig(
         beta=args.beta_kl, free_bits=args.free_bits, fork_kl_target=args.fork_kl_target,
-        hinge_weight=args.hinge_weight, alpha=args.lm_alpha, temperature=args.fork_temperature)
+        hinge_weight=args.hinge_weight, alpha=args.lm_alpha, temperature=args.fork_temperature,
+        injection=args.injection)
     tokenizer = AutoTokenizer.from_pretrained(args.policy_model)
     examples, fork_stats = fork_training.sample_own_forks(
         args.policy_model, tokenizer, [r.prompt for r in rows], [r.question for r in rows], branching,
@@ -563,7 +561,7 @@ def _main_fork(args, rows: list[TrainingRow], row_stats: RowStats, policy_hidden
         "fork_temperature": args.fork_temperature, "encoder_truncation_side": args.encoder_truncation_side,
         "encoder_max_length": args.encoder_max_length,
     }
-    out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode="fork", injection="additive",
+    out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode="fork", injection=args.injection,
                                train_summary=summary)
     logger.info("wrote %s: plain NLL/token %.4f -> with posterior z %.4f, KL/dim %.4f, median fork KL %.4f",
                 out, baseline, last.nll, last.kl_per_dim, last.fork_kl_median)
