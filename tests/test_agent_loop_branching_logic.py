@@ -19,7 +19,7 @@ from recipe.iib_lpo.rollout.config import BranchingRolloutConfig
 from recipe.iib_lpo.rollout.layout import assemble_branch_trajectory, check_group_layout, session_role
 from recipe.iib_lpo.rollout.rounds import ParentRolloutError
 from recipe.iib_lpo.rollout.seeds import derived_seed
-from recipe.iib_lpo.rollout.server_output import TOPK_LOGPROBS_FIELD
+from recipe.iib_lpo.rollout.server_output import TOPK_LOGPROBS_FIELD, TOPK_TOKEN_IDS_FIELD
 from recipe.iib_lpo.algorithm.branching import BranchingConfig, choose_fork_position
 from recipe.iib_lpo.algorithm.entropy import estimate_entropy_from_topk
 from recipe.iib_lpo.algorithm.ib import TextStats, text_stats
@@ -31,6 +31,7 @@ pytestmark = pytest.mark.timeout(120)
 PLACEHOLDER = 3
 HIDDEN = 8
 TOPK = 20
+FORK_ROW_FIRST_ID = 100  # the fake's top-k token ids are 100..119 (clear of the tokenizer's special ids)
 SPIKE = 13  # the response position whose sampling distribution is nearly flat (high entropy)
 
 
@@ -60,8 +61,11 @@ class FakeServer:
     """Stands in for verl's LLMServerClient: generate(request_id, *, prompt_ids, sampling_params, ...)."""
 
     def __init__(self, vocab: int, response_tokens: int = 40, fail_parent: int | None = None, short: bool = False,
-                 tail_at_kth: bool = False):
+                 tail_at_kth: bool = False, stop_id_in_fork_row: int | None = None):
         self.vocab = vocab
+        # top-k ids: FORK_ROW_FIRST_ID + rank at every row (labels: the fake's tokens are random), one
+        # replaced at the spike row
+        self.stop_id_in_fork_row = stop_id_in_fork_row
         self.tail_at_kth = tail_at_kth
         self.response_tokens = response_tokens
         self.fail_prompt_calls = fail_parent
@@ -69,9 +73,11 @@ class FakeServer:
         self.calls = []
         self.num_initial_calls = 0
 
-    async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, num_topk_logprobs=0, **kw):
+    async def generate(self, request_id, *, prompt_ids, sampling_params, image_data=None, num_topk_logprobs=0,
+                       return_topk_token_ids=False, **kw):
         call = dict(request_id=request_id, prompt_ids=list(prompt_ids), image_data=image_data,
-                    sampling_params=dict(sampling_params), num_topk_logprobs=num_topk_logprobs)
+                    sampling_params=dict(sampling_params), num_topk_logprobs=num_topk_logprobs,
+                    return_topk_token_ids=return_topk_token_ids)
         self.calls.append(call)
         is_initial = num_topk_logprobs > 0
         if is_initial:
@@ -91,6 +97,11 @@ class FakeServer:
         extra = {"global_steps": 5, "min_global_steps": 5, "max_global_steps": 5, "num_cached_tokens": 0}
         if num_topk_logprobs:
             extra[TOPK_LOGPROBS_FIELD] = _topk_rows(n, self.vocab, SPIKE, self.tail_at_kth)[:, :num_topk_logprobs]
+            if return_topk_token_ids:
+                ids = np.tile(np.arange(num_topk_logprobs, dtype=np.int64) + FORK_ROW_FIRST_ID, (n, 1))
+                if self.stop_id_in_fork_row is not None and n > SPIKE:
+                    ids[SPIKE, 5] = self.stop_id_in_fork_row
+                extra[TOPK_TOKEN_IDS_FIELD] = ids
         return TokenOutput(token_ids=tokens, log_probs=logprobs, stop_reason="completed", extra_fields=extra)
 
 
@@ -111,13 +122,15 @@ class FakeSampler:
         return LatentSamples(embeddings=emb, z=z, z_norms=z.norm(dim=-1), embedding_norms=emb.norm(dim=-1), alpha=alpha)
 
 
-def _config(model_dir, *, M=2, K=3, n=None, mode="cvae", strategy="argmax", t_margin=8, seed=None, timeout=30.0):
+def _config(model_dir, *, M=2, K=3, n=None, mode="cvae", strategy="argmax", t_margin=8, seed=None, timeout=30.0,
+            first_tokens="independent", rounds=None):
     from verl_patches.verl_cpu_testing import compose_cpu_trainer_config
 
     iib = {
         "num_initial_rollouts": M,
         "num_branches": K,
-        "branching": {"rho": 0.05, "t_min": 1, "t_margin": t_margin, "strategy": strategy},
+        "branching": {"rho": 0.05, "t_min": 1, "t_margin": t_margin, "strategy": strategy,
+                      "sibling_first_tokens": first_tokens},
         "entropy": {"source": "topk", "top_k": TOPK},
         "latent": {
             "mode": mode,
@@ -127,6 +140,7 @@ def _config(model_dir, *, M=2, K=3, n=None, mode="cvae", strategy="argmax", t_ma
             "service": {"backend": "in_process", "max_batch_size": 64, "max_wait_ms": 30},
         },
         "agent_loop": {"parent_wait_timeout_s": timeout, "sampling_seed": seed},
+        **({"ib": {"rounds": rounds}} if rounds is not None else {}),
     }
     return compose_cpu_trainer_config(model_dir, rollout_n=n if n is not None else M * (1 + K),
                                       response_length=48, extra={"iib_lpo": iib})
@@ -261,6 +275,79 @@ def test_latent_mode_none_forks_without_latent(tiny_qwen2_dir, tokenizer):
                for o in outputs[2:])
     assert all(o.extra_fields["iib_latent_status"] == "disabled" for o in outputs[2:])
     assert all(math.isnan(o.extra_fields["iib_latent_norm"]) for o in outputs[2:])
+
+
+def _behaviour_logprobs(row_ids, row_logprobs, tokens):
+    """Closed form: sibling j's token drawn from the fork row renormalised over what siblings < j left."""
+    p = {int(t): math.exp(float(v)) for t, v in zip(row_ids, row_logprobs)}
+    remaining, out = sum(p.values()), []
+    for t in tokens:
+        out.append(math.log(p[t] / remaining))
+        remaining -= p[t]
+    return out
+
+
+def test_distinct_first_tokens_force_each_siblings_token_at_the_fork(tiny_qwen2_dir, tokenizer):
+    """sibling_first_tokens=distinct: the initial rollout asks for the top-k ids; the K siblings of a
+    fork point send prompt + r[:t*] + their own token, all K distinct and from the fork row, with the
+    behaviour log-prob of sampling without replacement in the response and one token less to generate."""
+    config = _config(tiny_qwen2_dir, mode="none", first_tokens="distinct")
+    server, sampler = FakeServer(len(tokenizer)), FakeSampler()
+    outputs = asyncio.run(_run_group(config, tokenizer, server, sampler))
+    assert not [o for o in outputs if isinstance(o, BaseException)], outputs
+    initial_calls = [c for c in server.calls if c["num_topk_logprobs"]]
+    assert len(initial_calls) == 2 and all(c["return_topk_token_ids"] for c in initial_calls)
+    row_ids = [FORK_ROW_FIRST_ID + j for j in range(TOPK)]
+    row_lp = _topk_rows(40, len(tokenizer), SPIKE)[SPIKE]
+    prompt_len = len(outputs[0].prompt_ids)
+    for i in range(2):
+        parent = outputs[i]
+        assert parent.extra_fields["iib_first_token_forced"] is False
+        siblings = [outputs[2 + 3 * i + k] for k in range(3)]
+        firsts = [b.response_ids[SPIKE] for b in siblings]
+        assert len(set(firsts)) == 3 and set(firsts) <= set(row_ids)
+        want = _behaviour_logprobs(row_ids, row_lp, firsts)
+        for b, lp in zip(siblings, want):
+            assert b.extra_fields["iib_first_token_forced"] is True
+            assert b.response_logprobs[SPIKE] == pytest.approx(lp, abs=1e-6)
+            assert b.response_ids[:SPIKE] == parent.response_ids[:SPIKE]
+            assert b.response_mask == [0] * SPIKE + [1] * (len(b.response_ids) - SPIKE)
+            assert len(b.response_ids) == len(b.response_logprobs) == 48  # 13 prefix + forced + 34 generated
+            assert b.extra_fields["iib_generated_length"] == 48 - SPIKE
+    branch_calls = [c for c in server.calls if not c["num_topk_logprobs"]]
+    assert len(branch_calls) == 6
+    for c in branch_calls:
+        assert len(c["prompt_ids"]) == prompt_len + SPIKE + 1 and c["sampling_params"]["max_tokens"] == 48 - SPIKE - 1
+        assert not c["return_topk_token_ids"]
+    # the forced token is the last prompt token of the request (what the engine continues from)
+    sent = sorted(c["prompt_ids"][-1] for c in branch_calls)
+    assert sent == sorted(o.response_ids[SPIKE] for o in outputs[2:])
+
+
+def test_distinct_first_token_that_ends_the_sequence_generates_nothing(tiny_qwen2_dir, tokenizer):
+    """K = k = 20: every token of the fork row goes to one sibling, so the stop token in it does too;
+    that sibling ends at t* + 1 with no engine call."""
+    eos = tokenizer.eos_token_id
+    assert eos is not None
+    config = _config(tiny_qwen2_dir, M=1, K=TOPK, mode="none", first_tokens="distinct")
+    server = FakeServer(len(tokenizer), stop_id_in_fork_row=eos)
+    outputs = asyncio.run(_run_group(config, tokenizer, server, FakeSampler()))
+    assert not [o for o in outputs if isinstance(o, BaseException)], outputs
+    branches = outputs[1:]
+    ended = [b for b in branches if b.response_ids[SPIKE] == eos]
+    assert len(ended) == 1 and ended[0].response_ids == outputs[0].response_ids[:SPIKE] + [eos]
+    assert ended[0].response_mask == [0] * SPIKE + [1]
+    assert len([c for c in server.calls if not c["num_topk_logprobs"]]) == TOPK - 1
+    assert sorted(b.response_ids[SPIKE] for b in branches) == sorted(
+        [eos] + [FORK_ROW_FIRST_ID + j for j in range(TOPK) if j != 5])
+
+
+def test_distinct_first_tokens_refuse_latents_and_ranked_rounds(tiny_qwen2_dir):
+    with pytest.raises(ValueError, match="latent.mode=none"):
+        BranchingRolloutConfig.from_trainer_config(_config(tiny_qwen2_dir, mode="cvae", first_tokens="distinct"))
+    with pytest.raises(ValueError, match="rounds=1 only"):
+        BranchingRolloutConfig.from_trainer_config(
+            _config(tiny_qwen2_dir, mode="none", first_tokens="distinct", rounds=2, n=2 * (1 + 3 * 2)))
 
 
 def test_too_short_parent_gives_flagged_plain_resamples(tiny_qwen2_dir, tokenizer):

@@ -215,7 +215,7 @@ def test_server_topk_logprobs_match_transformers(cluster, hf_model):
     prompt = list(range(4, 4 + 150))
 
     async def go():
-        return await client.generate("topk-check", prompt_ids=prompt, num_topk_logprobs=20,
+        return await client.generate("topk-check", prompt_ids=prompt, num_topk_logprobs=20, return_topk_token_ids=True,
                                      sampling_params={"temperature": 1.0, "logprobs": True, "max_tokens": 24})
 
     out = asyncio.run(go())
@@ -229,6 +229,10 @@ def test_server_topk_logprobs_match_transformers(cluster, hf_model):
     np.testing.assert_allclose(topk, ref.topk(20, -1).values.numpy(), atol=1e-4)
     sampled = ref.gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1).numpy()
     np.testing.assert_allclose(out.log_probs, sampled, atol=1e-4)
+    # the ids of the top-k entries: each id's reference log-prob is its returned value (robust to ties)
+    ids = out.extra_fields["topk_token_ids"]
+    assert ids.shape == (24, 20) and all(len(set(row)) == 20 for row in ids.tolist())
+    np.testing.assert_allclose(ref.gather(-1, torch.as_tensor(ids)).numpy(), topk, atol=1e-4)
 
 
 @pytest.mark.timeout(900)

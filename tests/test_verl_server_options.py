@@ -87,8 +87,11 @@ def test_topk_engine_proxy_sets_logprobs_and_captures_rows_per_request():
     with_4, plain, with_2 = asyncio.run(go())
     assert sorted(engine.seen_logprobs) == [0, 2, 4]
     assert plain == [] and len(with_4) == 1 and len(with_2) == 1
-    np.testing.assert_allclose(with_4[0], [[-0.1 * (i + 1) - t for i in range(4)] for t in range(3)], rtol=1e-6)
-    assert with_2[0].shape == (3, 2)
+    logprobs_4, ids_4 = with_4[0]
+    np.testing.assert_allclose(logprobs_4, [[-0.1 * (i + 1) - t for i in range(4)] for t in range(3)], rtol=1e-6)
+    # the ids of those entries, aligned (the sampled token 99 outside the top k is dropped)
+    assert ids_4.tolist() == [[0, 1, 2, 3]] * 3
+    assert with_2[0][0].shape == (3, 2) and with_2[0][1].tolist() == [[0, 1]] * 3
 
 
 def test_registered_with_verl_registries():

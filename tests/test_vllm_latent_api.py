@@ -17,6 +17,7 @@ from verl_patches.vllm_latent import (
     latent_architecture_for,
     latent_engine_kwargs,
     topk_entropy_from_vllm_logprobs,
+    topk_logprobs_and_ids,
     topk_logprobs_tensor,
 )
 
@@ -159,6 +160,16 @@ def test_topk_logprobs_tensor_drops_the_extra_sampled_token():
     with pytest.raises(ValueError, match="no log-probs"):
         topk_logprobs_tensor([None], k=2)
     assert topk_logprobs_tensor([], k=2).shape == (0, 2)
+
+
+def test_topk_ids_are_aligned_with_their_logprobs_in_decreasing_order():
+    # dict order is not the probability order: the ids must follow their values when sorted
+    step = _logprob_dict({7: -2.0, 3: -0.5, 9: -1.0, 4: -3.0})
+    logprobs, ids = topk_logprobs_and_ids([step, step], k=3)
+    assert ids.tolist() == [[3, 9, 7]] * 2 and ids.dtype == torch.int64
+    assert logprobs.tolist() == [[-0.5, -1.0, -2.0]] * 2
+    empty_lp, empty_ids = topk_logprobs_and_ids([], k=2)
+    assert empty_lp.shape == (0, 2) and empty_ids.shape == (0, 2)
 
 
 def test_topk_entropy_is_exact_when_topk_covers_the_vocabulary():

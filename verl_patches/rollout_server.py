@@ -14,7 +14,10 @@ verl's own. What the subclass adds:
     sampled from, after temperature and top-k/top-p masking (masked entries are -inf). Any other
     ``logprobs_mode`` is refused when top-k log-probs are requested: raw log-probs are the
     temperature-1 distribution, not the one sampled. k is capped by vLLM's ``max_logprobs``
-    (knob ``max_topk_logprobs`` below, default 20).
+    (knob ``max_topk_logprobs`` below, default 20). With ``return_topk_token_ids=True`` as well,
+    the token ids of those entries come back as ``extra_fields["topk_token_ids"]`` (int64
+    ``[num_generated_tokens, k]``, aligned with the log-probs): the fork row that
+    ``iib_lpo.branching.sibling_first_tokens=distinct`` draws the siblings' first tokens from.
 (b) **The latent embedding** travels through verl's own request plumbing: the client's
     ``image_data`` becomes ``multi_modal_data["image"]`` in ``vLLMHttpServer.generate`` (stock
     verl); nothing to override.
@@ -68,6 +71,9 @@ CUSTOM_CONFIG_KEY = "iib_lpo"
 
 TOPK_LOGPROBS_FIELD = "topk_logprobs"
 """``TokenOutput.extra_fields`` key of the ``[num_generated_tokens, k]`` top-k log-probs."""
+
+TOPK_TOKEN_IDS_FIELD = "topk_token_ids"
+"""``TokenOutput.extra_fields`` key of their token ids (with ``return_topk_token_ids=True``)."""
 
 DEFAULT_MAX_TOPK_LOGPROBS = 20
 
@@ -152,9 +158,10 @@ class _TopkLogprobsEngine:
             yield output
         captured = _CAPTURED_TOPK.get()
         if k and captured is not None and final is not None and final.outputs:
-            from verl_patches.vllm_latent import topk_logprobs_tensor
+            from verl_patches.vllm_latent import topk_logprobs_and_ids
 
-            captured.append(topk_logprobs_tensor(final.outputs[0].logprobs, k).numpy())
+            logprobs, token_ids = topk_logprobs_and_ids(final.outputs[0].logprobs, k)
+            captured.append((logprobs.numpy(), token_ids.numpy()))
 
 
 def register_rollout_server() -> None:
@@ -239,10 +246,13 @@ def _define_classes() -> None:
                 )
             self.engine = _TopkLogprobsEngine(self.engine)
 
-        async def generate(self, *args: Any, num_topk_logprobs: int = 0, **kwargs: Any):
+        async def generate(self, *args: Any, num_topk_logprobs: int = 0, return_topk_token_ids: bool = False,
+                           **kwargs: Any):
             k = validate_topk_request(
                 num_topk_logprobs, self.iib_lpo_options["max_topk_logprobs"], self.config.logprobs_mode
             )
+            if return_topk_token_ids and not k:
+                raise ValueError("return_topk_token_ids needs num_topk_logprobs >= 1")
             if not k:
                 return await super().generate(*args, **kwargs)
             if self._disaggregation_role != "null":
@@ -259,12 +269,14 @@ def _define_classes() -> None:
                 return output
             if len(captured) != 1:
                 raise RuntimeError(f"expected one top-k log-prob capture for the request, got {len(captured)}")
-            topk = captured[0]
+            topk, topk_ids = captured[0]
             if topk.shape != (len(output.token_ids), k):
                 raise RuntimeError(
                     f"top-k log-probs have shape {topk.shape}, expected ({len(output.token_ids)}, {k})"
                 )
             output.extra_fields[TOPK_LOGPROBS_FIELD] = np.ascontiguousarray(topk, dtype=np.float32)
+            if return_topk_token_ids:
+                output.extra_fields[TOPK_TOKEN_IDS_FIELD] = np.ascontiguousarray(topk_ids, dtype=np.int64)
             return output
 
     class IibLpoVLLMReplica(vLLMReplica):

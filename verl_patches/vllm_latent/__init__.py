@@ -49,6 +49,7 @@ __all__ = [
     "latent_engine_kwargs",
     "register",
     "topk_entropy_from_vllm_logprobs",
+    "topk_logprobs_and_ids",
     "topk_logprobs_tensor",
 ]
 
@@ -168,8 +169,9 @@ def build_latent_prompt(
     return {"prompt_token_ids": token_ids, "multi_modal_data": {LATENT_MODALITY: _as_latent_row(latent_embedding)}}
 
 
-def topk_logprobs_tensor(step_logprobs: Sequence[Mapping[int, Any]], k: int) -> torch.Tensor:
-    """[T, k] float tensor of the k largest log-probs per generated token, from vLLM's output.
+def topk_logprobs_and_ids(step_logprobs: Sequence[Mapping[int, Any]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T, k] float32 log-probs, [T, k] int64 token ids) of the k most likely tokens per generated
+    token, from vLLM's output, each row in decreasing log-prob order (ties: vLLM's order).
 
     ``step_logprobs`` is ``CompletionOutput.logprobs`` (one dict token_id -> Logprob per step).
     vLLM adds the sampled token to each dict when it is outside the top-k, so each dict holds k
@@ -177,17 +179,24 @@ def topk_logprobs_tensor(step_logprobs: Sequence[Mapping[int, Any]], k: int) -> 
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    rows = []
+    values, ids = [], []
     for step, entries in enumerate(step_logprobs):
         if entries is None:
             raise ValueError(f"step {step} has no log-probs: request them with SamplingParams(logprobs=k)")
-        values = sorted((float(getattr(entry, "logprob", entry)) for entry in entries.values()), reverse=True)
-        if len(values) < k:
-            raise ValueError(f"step {step} has {len(values)} log-probs, fewer than k={k}: set SamplingParams(logprobs>=k)")
-        rows.append(values[:k])
-    if not rows:
-        return torch.empty(0, k)
-    return torch.tensor(rows, dtype=torch.float32)
+        ranked = sorted(((float(getattr(entry, "logprob", entry)), int(token)) for token, entry in entries.items()),
+                        key=lambda pair: -pair[0])
+        if len(ranked) < k:
+            raise ValueError(f"step {step} has {len(ranked)} log-probs, fewer than k={k}: set SamplingParams(logprobs>=k)")
+        values.append([v for v, _ in ranked[:k]])
+        ids.append([t for _, t in ranked[:k]])
+    if not values:
+        return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
+    return torch.tensor(values, dtype=torch.float32), torch.tensor(ids, dtype=torch.int64)
+
+
+def topk_logprobs_tensor(step_logprobs: Sequence[Mapping[int, Any]], k: int) -> torch.Tensor:
+    """[T, k] float tensor of the k largest log-probs per generated token (:func:`topk_logprobs_and_ids`)."""
+    return topk_logprobs_and_ids(step_logprobs, k)[0]
 
 
 def topk_entropy_from_vllm_logprobs(step_logprobs: Sequence[Mapping[int, Any]], k: int, vocab_size: int):

@@ -13,7 +13,9 @@ the session's role (``layout``) and seeds (``seeds``), and then:
   and, with probability p_inject(step), one latent token from the latent service
   (``_branch_prompt``), then continues with the source's request id (sticky replica, prefix
   cache); a source that did not fork makes it a flagged resample from the prompt
-  (``iib_is_resample``); for a ranked round r < R, 5.-6. the branch computes its r_v
+  (``iib_is_resample``); with ``branching.sibling_first_tokens=distinct`` the K siblings' tokens at
+  t* are drawn without replacement from the parent's fork row (``branching.sibling_first_tokens``)
+  and each branch sends its own as the last prompt token (``_first_token``); for a ranked round r < R, 5.-6. the branch computes its r_v
   (``in_loop_reward``) and S_IB and reports to the round's selection (``_rank_branch``,
   ``rounds.select_round``), which publishes round r + 1's fork source.
 
@@ -34,10 +36,11 @@ from uuid import uuid4
 
 import torch
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutput, register
+from verl.workers.rollout.replica import TokenOutput
 from verl.utils.profiler import simple_timer
 
 from recipe.iib_lpo.algorithm.alpha_schedule import draw_latent_injection
-from recipe.iib_lpo.algorithm.branching import FORK_OK, choose_fork_position
+from recipe.iib_lpo.algorithm.branching import FORK_OK, choose_fork_position, sibling_first_tokens
 from recipe.iib_lpo.algorithm.ib import IBInputs, TextStats, question_text, score_trajectories, text_stats
 from recipe.iib_lpo.latent.service import get_latent_service_client
 from recipe.iib_lpo.rollout.config import BranchingRolloutConfig
@@ -70,8 +73,14 @@ from recipe.iib_lpo.rollout.rounds import (
     select_round,
     wait_for_source,
 )
-from recipe.iib_lpo.rollout.seeds import SessionSeeds, prompt_seed_key, session_seeds
-from recipe.iib_lpo.rollout.server_output import TOPK_LOGPROBS_FIELD, entropies_from_topk, policy_vocab_size
+from recipe.iib_lpo.rollout.seeds import SessionSeeds, derived_seed, prompt_seed_key, session_seeds
+from recipe.iib_lpo.rollout.server_output import (
+    TOPK_LOGPROBS_FIELD,
+    entropies_from_topk,
+    fork_row,
+    policy_vocab_size,
+    stop_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
@@ -102,6 +111,7 @@ class BranchingAgentLoop(AgentLoopBase):
         self.prompt_length = self.rollout_config.prompt_length
         self.response_length = self.rollout_config.response_length
         self.vocab_size = policy_vocab_size(self.config.actor_rollout_ref.model.path, len(self.tokenizer))
+        self.distinct_first_tokens = self.iib.branching.sibling_first_tokens == "distinct" and self.iib.num_branches > 0
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         cfg = self.iib
@@ -216,6 +226,7 @@ class BranchingAgentLoop(AgentLoopBase):
                 prompt_ids=prompt_ids,
                 sampling_params=self._sampling_params(sampling_params, self.response_length, seeds.sampling),
                 num_topk_logprobs=cfg.entropy.top_k,
+                **({"return_topk_token_ids": True} if self.distinct_first_tokens else {}),
             )
         if out.stop_reason == "aborted" and not out.token_ids:
             raise ParentRolloutError(f"initial rollout {role.parent_index} was aborted by the server")
@@ -239,6 +250,8 @@ class BranchingAgentLoop(AgentLoopBase):
             max_global_steps=out.extra_fields.get("max_global_steps"),
             session_id=role.parent_index,
             round_index=0,
+            fork_row=(fork_row(out.extra_fields, decision.position, f"initial rollout {role.parent_index}")
+                      if self.distinct_first_tokens and decision.should_fork else None),
         )
         if future.done():  # evicted from the registry meanwhile: nobody is waiting
             logger.warning("parent %d of %s finished after its group was dropped", role.parent_index, kwargs["uid"])
@@ -304,6 +317,25 @@ class BranchingAgentLoop(AgentLoopBase):
                             LatentFields(LATENT_INJECTED, latent_prob, cfg.schedule.scale,
                                          float(draw.embedding_norms[role.branch_index])))
 
+    def _first_token(self, role, seeds: SessionSeeds, parent: ParentResult) -> tuple[int, float] | None:
+        """``sibling_first_tokens=distinct``: this branch's token at t* and its behaviour log-prob
+        (``branching.sibling_first_tokens`` over the parent's fork row; every sibling computes the same
+        draw from the fork point's seed and takes its own). None when the siblings sample freely: the
+        mode is off, the source did not fork, or this sibling is beyond the row's support."""
+        if not self.distinct_first_tokens or not parent.decision.should_fork:
+            return None
+        if parent.fork_row is None:
+            raise RuntimeError(f"fork source {parent.session_id} of branch {role.branch_index} has no fork row")
+        tokens, behaviour = sibling_first_tokens(*parent.fork_row, self.iib.num_branches,
+                                                 derived_seed(seeds.fork, "first_tokens"))
+        if role.branch_index >= len(tokens):
+            return None
+        return tokens[role.branch_index], behaviour[role.branch_index]
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]:
+        return stop_token_ids(str(self.config.actor_rollout_ref.model.path), self.tokenizer.eos_token_id)
+
     async def _rank_branch(
         self, group, role, parent: ParentResult, out, fork_position: int, continuation, response_ids, logprobs,
         min_steps, kwargs, metrics,
@@ -347,21 +379,33 @@ class BranchingAgentLoop(AgentLoopBase):
         prompt = await self._branch_prompt(group, role, seeds, parent, prompt_ids, kwargs, metrics)
         fork_position = prompt.fork_position
         max_tokens = self.response_length - fork_position
+        first = self._first_token(role, seeds, parent)  # (token, behaviour log-prob) or None
+        engine_prompt = prompt.engine_prompt + ([first[0]] if first is not None else [])
+        budget = max_tokens - (1 if first is not None else 0)
         extra_request = {"num_topk_logprobs": cfg.entropy.top_k} if ranked else {}
-        with simple_timer("generate_sequences", metrics):
-            out = await self.server_manager.generate(
-                # The parent's request id: verl's sticky router sends the branch to the parent's
-                # replica, whose prefix cache holds prompt + r[:t*].
-                request_id=parent.request_id,
-                prompt_ids=prompt.engine_prompt,
-                sampling_params=self._sampling_params(sampling_params, max_tokens, seeds.sampling),
-                image_data=prompt.image_data,
-                **extra_request,
-            )
-        if out.stop_reason == "aborted" and not out.token_ids:
-            raise RuntimeError(f"branch {role.branch_index} of parent {role.parent_index} was aborted by the server")
-        continuation = list(out.token_ids)[:max_tokens]
+        if first is not None and (first[0] in self.stop_token_ids or budget < 1):
+            # the forced token ends the branch: nothing to generate
+            out = TokenOutput(token_ids=[], log_probs=[], stop_reason="completed", extra_fields={
+                "min_global_steps": parent.min_global_steps, "max_global_steps": parent.max_global_steps})
+        else:
+            with simple_timer("generate_sequences", metrics):
+                out = await self.server_manager.generate(
+                    # The parent's request id: verl's sticky router sends the branch to the parent's
+                    # replica, whose prefix cache holds prompt + r[:t*].
+                    request_id=parent.request_id,
+                    prompt_ids=engine_prompt,
+                    sampling_params=self._sampling_params(sampling_params, budget, seeds.sampling),
+                    image_data=prompt.image_data,
+                    **extra_request,
+                )
+            if out.stop_reason == "aborted" and not out.token_ids:
+                raise RuntimeError(f"branch {role.branch_index} of parent {role.parent_index} was aborted by the server")
+        continuation = list(out.token_ids)[:budget]
         cont_logprobs = list(out.log_probs)[: len(continuation)] if out.log_probs else None
+        if first is not None:
+            continuation = [first[0]] + continuation
+            # verl asks for the rollout's log-probs with sampling_params["logprobs"]
+            cont_logprobs = [first[1]] + (cont_logprobs or []) if sampling_params.get("logprobs") else None
         if decision.should_fork:
             response_ids, response_mask, logprobs = assemble_branch_trajectory(
                 parent.response_ids, parent.response_logprobs, fork_position, continuation, cont_logprobs,
@@ -380,7 +424,7 @@ class BranchingAgentLoop(AgentLoopBase):
                                                                 response_ids, logprobs, min_steps, kwargs, metrics)
         extra = branch_extra_fields(
             role, parent, fork_position, prompt.latent, len(continuation), out.extra_fields.get("num_cached_tokens"),
-            mean_entropy, rank, float(metrics.get("latent_sampling", 0.0)),
+            mean_entropy, rank, float(metrics.get("latent_sampling", 0.0)), first_token_forced=first is not None,
         )
         output = self._output(prompt_ids, response_ids, response_mask, logprobs, metrics, extra, out,
                               stats if ranked else self._text_stats(response_ids, kwargs))

@@ -5,8 +5,9 @@ entropy, latent, agent_loop, ib}`` (defaults: M=2, K=3, R=``ib.rounds``=1; the k
 defaults are in docs/ARCHITECTURE.md), refuses unknown keys in ``latent`` (``LATENT_KEYS``) and
 ``agent_loop`` (``AGENT_LOOP_KEYS``) -- a stale ``latent.alpha`` block would otherwise be ignored --
 and validates: ``entropy.source`` must be "topk", ``latent.mode`` one of ``LATENT_MODES`` (cvae
-needs ``latent.placeholder_token_id``), ``parent_wait_timeout_s`` > 0, and ``ib`` must pass
-``ib_step.rounds_problems``. ``latent_probability(global_steps)`` is p_inject of the latent
+needs ``latent.placeholder_token_id``), ``parent_wait_timeout_s`` > 0, ``ib`` must pass
+``ib_step.rounds_problems``, and ``branching.sibling_first_tokens=distinct`` needs latent mode none
+and one round. ``latent_probability(global_steps)`` is p_inject of the latent
 schedule at verl's 1-based step (0 with ``latent.mode=none``). Pure: no verl at module level.
 """
 
@@ -112,6 +113,15 @@ class BranchingRolloutConfig:
             raise ValueError(f"iib_lpo.agent_loop.parent_wait_timeout_s must be > 0, got {self.parent_wait_timeout_s}")
         for problem in rounds_problems(self.ib, self.num_branches):
             raise ValueError(problem)
+        if self.branching.sibling_first_tokens == "distinct":
+            # measured as its own arm, alone (README "The latent"); a ranked round would also need the
+            # fork rows of its survivors, which the rollout does not request
+            if self.latent_mode != "none":
+                raise ValueError("iib_lpo.branching.sibling_first_tokens=distinct is a token-space alternative to the "
+                                 "latent: set iib_lpo.latent.mode=none (or sibling_first_tokens=independent)")
+            if self.rounds > 1:
+                raise ValueError("iib_lpo.branching.sibling_first_tokens=distinct supports iib_lpo.ib.rounds=1 only, "
+                                 f"got rounds={self.rounds}")
 
     def latent_probability(self, global_step: Any) -> float:
         """p_inject of the latent schedule at verl's (1-based) global step; 0 with latent.mode=none."""

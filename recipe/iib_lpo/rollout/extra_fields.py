@@ -77,14 +77,16 @@ def initial_extra_fields(role: SessionRole, decision: ForkDecision, num_branches
         "iib_num_cached_tokens": num_cached_tokens,
         "iib_mean_entropy": float(entropies.mean()) if entropies.numel() else math.nan,
         **LoopRank().fields(),
+        "iib_first_token_forced": False,
     }
 
 
 def branch_extra_fields(role: SessionRole, source: ParentResult, fork_position: int, latent: LatentFields,
                         generated_length: int, num_cached_tokens: Any, mean_entropy: float, rank: LoopRank,
-                        latent_sampling_s: float) -> dict[str, Any]:
+                        latent_sampling_s: float, first_token_forced: bool = False) -> dict[str, Any]:
     """A branch session of round ``role.round_index``: forked from ``source`` at ``fork_position``, or
-    (``source`` did not fork) a flagged resample from the prompt with fork position 0."""
+    (``source`` did not fork) a flagged resample from the prompt with fork position 0.
+    ``first_token_forced``: its token at t* was drawn with its siblings' (``sibling_first_tokens=distinct``)."""
     forked = source.decision.should_fork
     return {
         "iib_role": ROLE_BRANCH,
@@ -103,6 +105,7 @@ def branch_extra_fields(role: SessionRole, source: ParentResult, fork_position: 
         "iib_num_cached_tokens": num_cached_tokens,
         "iib_mean_entropy": mean_entropy,
         **rank.fields(),
+        "iib_first_token_forced": first_token_forced,
         # verl's AgentLoopMetrics keeps only its own timers, so the encoder + prior time travels here
         "iib_latent_sampling_s": latent_sampling_s,
     }

@@ -54,6 +54,8 @@ class ParentResult:
     ``decision.position`` is in response coordinates (for a survivor: inside its own
     continuation, after its inherited prefix). ``entropies`` covers the whole response (an
     inherited prefix carries its ancestors' entropies); ``response_logprobs`` likewise.
+    ``fork_row``: the (top-k token ids, log-probs) of the sampling distribution at t*, the draw of
+    ``branching.sibling_first_tokens=distinct``; None otherwise.
     """
 
     request_id: str
@@ -66,6 +68,7 @@ class ParentResult:
     max_global_steps: Any
     session_id: int = -1
     round_index: int = 0
+    fork_row: tuple[list[int], list[float]] | None = None
 
 
 @dataclass
