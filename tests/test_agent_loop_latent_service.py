@@ -56,16 +56,15 @@ def test_concurrent_requests_share_one_sampler_call():
     assert service.stats()["batch_sizes"] == [10]
 
 
-def test_sibling_coupling_and_injection_travel_through_the_service():
-    """The config's sibling_coupling reaches the sampler; the sampler's injection reaches every draw."""
+def test_sibling_coupling_travels_through_the_service():
+    """The config's sibling_coupling reaches the sampler."""
     from recipe.iib_lpo.latent.service import LatentServiceConfig, get_latent_service_client
 
     sampler = CountingSampler()
-    sampler.injection = "inserted"
     config = LatentServiceConfig(backend="in_process", sibling_coupling="orthogonal")
     client = get_latent_service_client(config, sampler_factory=lambda: sampler)
     draw = asyncio.run(client.sample("question 3", 2, 1.0, seed=0))
-    assert sampler.couplings == ["orthogonal"] and draw.injection == "inserted"
+    assert sampler.couplings == ["orthogonal"] and draw.embeddings.shape[0] == 2
     with pytest.raises(ValueError, match="sibling_coupling must be one of"):
         LatentServiceConfig(sibling_coupling="antithetic")
 

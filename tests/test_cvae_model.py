@@ -110,7 +110,6 @@ def test_checkpoint_round_trip(tmp_path):
                                         expected_mode="prefix")
     assert info.config == model.config and info.mode == "prefix" and info.encoder_name == "tiny-enc"
     assert info.condition_scheme == "question_prefix" and info.format_version == 3
-    assert info.injection == "additive"
     assert info.train_summary == {"final_elbo": -1.5, "rows_used": 3}
     assert not loaded.training
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -213,23 +212,21 @@ def test_per_row_generators_make_draws_independent_of_the_batch():
         cvae.sample_prior(e_x, 5, generator=[torch.Generator(), torch.Generator()])
 
 
-def test_version_2_checkpoint_reads_as_inserted_and_injection_is_checked(tmp_path):
+def test_inserted_and_version_2_checkpoints_are_refused_with_the_reason(tmp_path):
     model = LatentCVAE(CVAEConfig(**SMALL))
-    path = save_cvae_checkpoint(tmp_path / "c.pt", model, encoder_name="enc", mode="prefix", injection="inserted")
-    assert load_cvae_checkpoint(path)[1].injection == "inserted"
-    with pytest.raises(CVAECheckpointError, match="injection='inserted' but config expects 'additive'"):
-        load_cvae_checkpoint(path, expected_injection="additive")
+    path = save_cvae_checkpoint(tmp_path / "c.pt", model, encoder_name="enc", mode="prefix")
     payload = torch.load(path, weights_only=True)
+    assert payload["injection"] == "additive" and load_cvae_checkpoint(path)[1].format_version == 3
+    payload["injection"] = "inserted"
+    torch.save(payload, tmp_path / "inserted.pt")
+    with pytest.raises(CVAECheckpointError, match="injection='inserted'.*removed.*retrain"):
+        load_cvae_checkpoint(tmp_path / "inserted.pt")
+    # version 2 had no header field: its P was made for an inserted token
     payload["format_version"] = 2
     del payload["injection"]
     torch.save(payload, tmp_path / "v2.pt")
-    info = load_cvae_checkpoint(tmp_path / "v2.pt")[1]
-    assert info.format_version == 2 and info.injection == "inserted"
-    payload["format_version"] = 3
-    payload["injection"] = "sideways"
-    torch.save(payload, tmp_path / "bad.pt")
-    with pytest.raises(CVAECheckpointError, match="unknown injection 'sideways'"):
-        load_cvae_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(CVAECheckpointError, match="injection='inserted'"):
+        load_cvae_checkpoint(tmp_path / "v2.pt")
 
 
 def test_span_projector_stays_in_the_principal_span_and_round_trips(tmp_path):

@@ -162,7 +162,7 @@ def test_branch_quality_was_measured_after_the_latent_stage(smoke):
     report = json.loads((smoke["out"] / "latent_quality.json").read_text())
     assert report["default_arm"] == "plain"  # the recipe's default: latent.mode=none
     assert set(report["arms"]) == {"plain", "latent", "latent_orthogonal", "first_token_distinct"}
-    assert report["meta"]["num_forks"] == 20 and report["meta"]["injection"] == "additive"
+    assert report["meta"]["num_forks"] == 20
     keys = {"branch_acc", "acc_ratio", "acc_ratio_ci", "distinct4_diff", "distinct4_diff_ci", "answers_diff",
             "answers_diff_ci", "fork_kl_median", "log_ratio_mean", "truncated_share", "z_usage", "nll_ratio"}
     for arm, metrics in report["arms"].items():

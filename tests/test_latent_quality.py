@@ -203,7 +203,7 @@ class _RecordingSampler:
 
     def __init__(self, inner):
         self.inner, self.couplings, self.z_usage_calls = inner, [], []
-        self.injection, self.device = inner.injection, inner.device
+        self.device = inner.device
 
     def sample_latent_embeddings(self, condition_texts, num_samples, alpha, generator=None, coupling="independent"):
         self.couplings.append(coupling)
@@ -254,7 +254,7 @@ def test_end_to_end_json_with_every_key(tmp_path, tiny_qwen2_dir, latent_sampler
     assert set(report) == {"default_arm", "meta", "arms", "acceptance"} and report["default_arm"] == "plain"  # the YAML default: latent.mode=none
     assert list(report["arms"]) == list(lq.ARMS)
     meta = report["meta"]
-    assert meta["num_forks"] == 2 and meta["is_threshold"] == 2.0 and meta["injection"] == "additive"
+    assert meta["num_forks"] == 2 and meta["is_threshold"] == 2.0
     assert meta["parents_sampled"] == 2 + meta["skipped_too_short"] and meta["seconds"] > 0
     assert meta["args"]["k"] == K and meta["branching"]["t_margin"] == 8
     for arm, metrics in report["arms"].items():

@@ -86,14 +86,12 @@ def test_eos_stops_generation_and_is_included(model):
         generate_with_latent(model, CONTEXT, latent, 3, logprobs_mode="logits")
 
 
-@pytest.mark.parametrize("injection", ["additive", "inserted"])
-def test_shared_context_batch_equals_unbatched_greedy(model, injection):
+def test_shared_context_batch_equals_unbatched_greedy(model):
     latents = torch.stack([_latent(5), _latent(6, 0.5), _latent(7, 2.0)])
-    batched = generate_with_latents_batched(model, CONTEXT, latents, 10, temperature=0.0, injection=injection)
+    batched = generate_with_latents_batched(model, CONTEXT, latents, 10, temperature=0.0)
     assert len(batched) == 3
     for latent, (ids, logprobs) in zip(latents, batched):
-        single_ids, single_logprobs = generate_with_latent(model, CONTEXT, latent, 10, temperature=0.0,
-                                                           injection=injection)
+        single_ids, single_logprobs = generate_with_latent(model, CONTEXT, latent, 10, temperature=0.0)
         assert ids == single_ids
         torch.testing.assert_close(logprobs, single_logprobs, atol=1e-5, rtol=0)
     assert len({tuple(ids) for ids, _ in batched}) > 1  # the latents steer the continuation
@@ -103,15 +101,14 @@ def test_shared_context_batch_equals_unbatched_greedy(model, injection):
     assert plain[0][0] == single_ids and plain[1][0] == single_ids
 
 
-@pytest.mark.parametrize("injection", ["additive", "inserted"])
-def test_shared_context_batch_sampling_matches_rescoring(model, injection):
+def test_shared_context_batch_sampling_matches_rescoring(model):
     latents = torch.stack([_latent(8), _latent(9)])
     batched = generate_with_latents_batched(model, CONTEXT, latents, 16, eos_token_id=2,
-                                            generator=torch.Generator().manual_seed(1), injection=injection)
+                                            generator=torch.Generator().manual_seed(1))
     for latent, (ids, logprobs) in zip(latents, batched):
         assert 1 <= len(ids) <= 16 and (2 not in ids[:-1])
         with torch.no_grad():
-            torch.testing.assert_close(logprobs, score_continuation(model, CONTEXT, ids, latent, injection),
+            torch.testing.assert_close(logprobs, score_continuation(model, CONTEXT, ids, latent),
                                        atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="num_samples=3 but 2 latent embeddings"):
         generate_with_latents_batched(model, CONTEXT, latents, 4, num_samples=3)

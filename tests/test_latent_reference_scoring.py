@@ -43,34 +43,19 @@ def test_no_latent_is_exactly_the_plain_model(model):
 
 
 @torch.no_grad()
-def test_latent_equal_to_a_token_embedding_equals_inserting_that_token(model):
-    # a virtual token whose embedding is row t of the table must behave exactly like token t at
-    # that position: proves the latent occupies one position with contiguous position ids
-    token = 77
-    latent = model.get_input_embeddings().weight[token].clone()
-    ours = score_continuation(model, CONTEXT, CONTINUATION, latent, "inserted")
-    expected = _plain_logprobs(model, CONTEXT + [token], CONTINUATION)
-    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
-    # a float64 latent is inserted in the model dtype
-    torch.testing.assert_close(score_continuation(model, CONTEXT, CONTINUATION, latent.double(), "inserted"), ours)
-
-
-@torch.no_grad()
 def test_additive_latent_is_added_to_the_last_context_token(model):
     # v = E[t] - E[last] turns the fork token into token t, at the same position: the sum sits in
     # the last context row, no position is added
     table = model.get_input_embeddings().weight
     token = 77
     latent = table[token] - table[CONTEXT[-1]]
-    ours = score_continuation(model, CONTEXT, CONTINUATION, latent, "additive")
+    ours = score_continuation(model, CONTEXT, CONTINUATION, latent)
     torch.testing.assert_close(ours, _plain_logprobs(model, CONTEXT[:-1] + [token], CONTINUATION), atol=1e-5, rtol=0)
     # v = 0 is the plain model bit for bit
-    assert torch.equal(score_continuation(model, CONTEXT, CONTINUATION, torch.zeros(table.shape[-1]), "additive"),
+    assert torch.equal(score_continuation(model, CONTEXT, CONTINUATION, torch.zeros(table.shape[-1])),
                        _plain_logprobs(model, CONTEXT, CONTINUATION))
     with pytest.raises(ValueError, match="needs a non-empty context"):
-        score_continuation(model, [], CONTINUATION, latent, "additive")
-    with pytest.raises(ValueError, match="injection must be one of"):
-        score_continuation(model, CONTEXT, CONTINUATION, latent, "appended")
+        score_continuation(model, [], CONTINUATION, latent)
 
 
 @torch.no_grad()
@@ -93,8 +78,6 @@ def test_bad_latent_shapes_and_values(model):
         score_continuation(model, CONTEXT, [5, 100000], None)
     with pytest.raises(ValueError, match="empty context"):
         score_continuation(model, [], CONTINUATION, None)
-    # with a latent, an empty context is allowed: the latent predicts the first token
-    assert score_continuation(model, [], CONTINUATION, _latent(3), "inserted").shape == (len(CONTINUATION),)
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])

@@ -25,16 +25,13 @@ HIDDEN = 64
 PLACEHOLDER = 3
 
 
-def test_build_latent_prompt_keeps_or_appends_the_position_and_carries_hidden_floats():
+def test_build_latent_prompt_keeps_the_ids_and_carries_hidden_floats():
     e = torch.randn(HIDDEN)
-    # additive (default): the ids are unchanged, the latent rides on the last one
-    assert build_latent_prompt([5, 6, 7], e, PLACEHOLDER)["prompt_token_ids"] == [5, 6, 7]
+    # the ids are unchanged, the latent rides on the last one
+    prompt = build_latent_prompt([5, 6, 7], e, PLACEHOLDER)
+    assert prompt["prompt_token_ids"] == [5, 6, 7]
     with pytest.raises(ValueError, match="last prompt token, which is the placeholder"):
         build_latent_prompt([5, 6, PLACEHOLDER], e, PLACEHOLDER)
-    with pytest.raises(ValueError, match="injection must be one of"):
-        build_latent_prompt([5, 6, 7], e, PLACEHOLDER, "appended")
-    prompt = build_latent_prompt([5, 6, 7], e, PLACEHOLDER, "inserted")
-    assert prompt["prompt_token_ids"] == [5, 6, 7, PLACEHOLDER]
     payload = prompt["multi_modal_data"][LATENT_MODALITY]
     assert payload.shape == (1, 1, HIDDEN)
     assert payload.numel() == HIDDEN  # O(hidden), whatever the prompt length

@@ -5,8 +5,7 @@ At the fork points of a validation split, every arm draws K branches that contin
 continuation budget), differing only in what the arm says:
 
 * ``plain``: K plain resamples from t*.
-* ``latent``: K independent prior draws z, v = alpha * P(z), injected as the checkpoint says
-  (``sampler.injection``: "additive" on the fork token, or an "inserted" virtual token).
+* ``latent``: K independent prior draws z, v = alpha * P(z) added to the fork token's embedding.
 * ``latent_orthogonal``: the same with ``coupling="orthogonal"`` (siblings' noise orthogonal,
   each marginally from the prior).
 * ``first_token_distinct``: the K siblings' first tokens at t* drawn WITHOUT replacement from the
@@ -392,12 +391,12 @@ class _Run:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def _sample(run: _Run, context: list[int], budget: int, generator, latents=None, num_samples=None, injection="additive"):
+def _sample(run: _Run, context: list[int], budget: int, generator, latents=None, num_samples=None):
     from recipe.iib_lpo.latent.reference import generate_with_latents_batched
 
     out = generate_with_latents_batched(
         run.model, context, latents, budget, run.temperature, run.top_p, run.eos_token_id, generator,
-        num_samples=num_samples, logprobs_mode="processed_logprobs", injection=injection,
+        num_samples=num_samples, logprobs_mode="processed_logprobs",
     )
     return [list(ids) for ids, _ in out]
 
@@ -440,7 +439,7 @@ def collect_forks(run: _Run, problems: Sequence, num_forks: int, branching, prog
     return forks, skipped
 
 
-def _score_branches(run: _Run, fork: Fork, continuations, latents=None, injection="additive",
+def _score_branches(run: _Run, fork: Fork, continuations, latents=None,
                     first_token_log_ratios=None) -> list[Branch]:
     """Branch records of one arm at one fork (one no-cache forward per branch and model view)."""
     from recipe.iib_lpo.latent.reference import continuation_logits
@@ -453,7 +452,7 @@ def _score_branches(run: _Run, fork: Fork, continuations, latents=None, injectio
         with torch.no_grad():
             plain_logits = continuation_logits(run.model, context, cont, None)
             arm_logits = plain_logits if latents is None else continuation_logits(
-                run.model, context, cont, latents[k], injection)
+                run.model, context, cont, latents[k])
         ids = torch.tensor(cont, dtype=torch.long, device=plain_logits.device).unsqueeze(-1)
         lp_plain, lp_arm = tempered_logprobs(plain_logits, run.temperature), tempered_logprobs(arm_logits, run.temperature)
         log_ratios = (lp_arm.gather(-1, ids) - lp_plain.gather(-1, ids)).squeeze(-1).double().cpu().numpy()
@@ -528,8 +527,8 @@ def run_arms(run: _Run, forks: Sequence[Fork], arms: Sequence[str], progress: bo
             samples = sampler.sample_latent_embeddings(
                 [conditions[i]], run.k, run.alpha, generator=z_generator, coupling=LATENT_COUPLING[arm])
             latents = samples.embeddings[0].to(device=run.device, dtype=torch.float32)
-            conts = _sample(run, fork.context, budget, generator, latents=latents, injection=sampler.injection)
-            results[arm].append(_score_branches(run, fork, conts, latents=latents, injection=sampler.injection))
+            conts = _sample(run, fork.context, budget, generator, latents=latents)
+            results[arm].append(_score_branches(run, fork, conts, latents=latents))
         bar.update(1)
     bar.close()
     return results
@@ -578,7 +577,7 @@ def measure_latent_quality(
     """Measure every arm at the same fork points and return the report (module docstring).
 
     ``latent`` (a train_cvae checkpoint) or an in-memory ``sampler`` (LatentSampler's contract:
-    ``injection``, ``sample_latent_embeddings(..., coupling=)``, ``z_usage``) enables the latent
+    ``sample_latent_embeddings(..., coupling=)``, ``z_usage``) enables the latent
     arms; without either only ``plain`` and ``first_token_distinct`` run. ``out``: where the JSON
     is written (atomically). Raises ValueError on bad arguments or too few fork points.
     """
@@ -637,7 +636,6 @@ def measure_latent_quality(
             "skipped_too_short": skipped,
             "branching": asdict(branching),
             "latent_mode_default": latent_mode,
-            "injection": getattr(sampler, "injection", None),
             "is_threshold": threshold,
             "is_threshold_source": threshold_source,
             "is_threshold_verl_default": verl_is_threshold_default()[0],

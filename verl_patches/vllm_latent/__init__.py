@@ -1,9 +1,8 @@
 """One latent token per request inside vLLM 0.24, through supported extension points only.
 
 A branch continues ``prompt + prefix`` with the latent vector v = alpha * P(z) (METHOD.md,
-"Latent injection"; v is computed outside the engine) either added to the fork token's input
-embedding (``additive``, the default) or as one inserted virtual token (``inserted``); see
-recipe/iib_lpo/latent/reference.py. v travels as a precomputed one-token multimodal embedding
+"Latent injection"; v is computed outside the engine) added to the fork token's input
+embedding; see recipe/iib_lpo/latent/reference.py. v travels as a precomputed one-token multimodal embedding
 into an out-of-tree subclass of vLLM's Qwen2/Qwen3 model registered through the ``vllm.general_plugins``
 entry point (see verl_patches/README.md for the mechanism, its limits and measured numbers).
 
@@ -12,7 +11,7 @@ Public API (engine side needs vLLM; request side needs only torch):
 - ``register()``: the ``vllm.general_plugins`` entry point; registers the latent architectures.
 - ``latent_architecture_for(hf_architecture) -> str``
 - ``latent_engine_kwargs(model_hf_architecture, placeholder_token_id) -> dict``: engine args.
-- ``build_latent_prompt(prompt_token_ids, latent_embedding, placeholder_token_id, injection) -> dict``:
+- ``build_latent_prompt(prompt_token_ids, latent_embedding, placeholder_token_id) -> dict``:
   a vLLM ``TokensPrompt``; ``latent_embedding=None`` gives the plain prompt (a branch without a latent).
 - ``topk_entropy_from_vllm_logprobs(step_logprobs, k, vocab_size) -> EntropyEstimate``:
   per-token entropy of the sampling distribution from vLLM's returned top-k log-probs.
@@ -134,7 +133,6 @@ def build_latent_prompt(
     prompt_token_ids: Sequence[int],
     latent_embedding: torch.Tensor | None,
     placeholder_token_id: int,
-    injection: str = "additive",
 ) -> dict[str, Any]:
     """A vLLM ``TokensPrompt`` that continues ``prompt_token_ids`` with the latent.
 
@@ -142,30 +140,22 @@ def build_latent_prompt(
     ``latent_embedding`` is v = alpha * P(z), shape [hidden], in any float dtype (the model casts it
     to its own dtype). ``None`` (a branch without a latent) gives the plain prompt.
 
-    ``additive``: the token ids are unchanged and v is added to the last one's embedding; its last
-    token must not be the placeholder id (that would read as ``inserted``; the agent loop forks
-    without a latent then). ``inserted``: the placeholder id is appended and v fills it; a
-    placeholder id the policy generated inside the prefix stays an ordinary token.
+    The token ids are unchanged and v is added to the last one's embedding; the last token must not
+    be the placeholder id (the engine's latent marker; the agent loop forks without a latent then).
 
     Never add ``multi_modal_uuids`` to the result: a caller-given id replaces the latent's content
     hash in the prefix-cache key, and a reused id would serve another latent's KV cache.
     """
-    from recipe.iib_lpo.latent.reference import check_injection
-
     _check_placeholder_token_id(placeholder_token_id)
-    check_injection(injection)
     token_ids = [int(t) for t in prompt_token_ids]
     if not token_ids:
         raise ValueError("prompt_token_ids is empty: a latent needs a prompt to follow")
     if latent_embedding is None:
         return {"prompt_token_ids": token_ids}
-    if injection == "additive":
-        if token_ids[-1] == placeholder_token_id:
-            raise ValueError(
-                f"an additive latent goes on the last prompt token, which is the placeholder id {placeholder_token_id}"
-            )
-    else:
-        token_ids.append(placeholder_token_id)
+    if token_ids[-1] == placeholder_token_id:
+        raise ValueError(
+            f"the latent goes on the last prompt token, which is the placeholder id {placeholder_token_id}"
+        )
     return {"prompt_token_ids": token_ids, "multi_modal_data": {LATENT_MODALITY: _as_latent_row(latent_embedding)}}
 
 

@@ -6,13 +6,11 @@ Imported only inside vLLM processes (the plugin registers these classes lazily b
 How the latent reaches the model (VLLM_LATENT.md, "recommended path"): the latent vector
 v = alpha * P(z) travels as a precomputed, one-token "image" embedding
 (``multi_modal_data={"image": v[1,1,H]}``), passed through untouched by the processor below (no
-Hugging Face processor is involved). Where it goes depends on the prompt's last token
-(recipe/iib_lpo/latent/reference.py, LATENT_INJECTIONS):
-- ``additive`` (any other last token): the last prompt token, the fork token, is the latent's
-  position and keeps its id; the model adds v to its embedding row, E[fork] + v, so v = 0 is the
-  plain prompt exactly.
-- ``inserted`` (the prompt ends with the placeholder id): the placeholder's row is replaced by v.
-Every other weight, the forward pass and ``load_weights`` are inherited from vLLM's stock
+Hugging Face processor is involved). The last prompt token, the fork token, is the latent's
+position and keeps its id; the model adds v to its embedding row, E[fork] + v, so v = 0 is the
+plain prompt exactly (recipe/iib_lpo/latent/reference.py). The placeholder id only marks the
+latent's position in vLLM's multimodal bookkeeping (and in its profiling runs' dummy prompts,
+where v is added to the placeholder's own row). Every other weight, the forward pass and ``load_weights`` are inherited from vLLM's stock
 Qwen2/Qwen3 classes.
 - vLLM's prefix cache keys the block holding the latent's position (and all later blocks) by the
   content hash of v, so KV computed with one latent is never served to a request with another.
@@ -22,7 +20,6 @@ Qwen2/Qwen3 classes.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -136,22 +133,6 @@ class LatentTokenMultiModalProcessor(BaseMultiModalProcessor[LatentTokenProcessi
         prompt_ids = self.info.get_tokenizer().encode(prompt, add_special_tokens=False)
         return BatchFeature({"input_ids": [prompt_ids]})
 
-    def _find_mm_placeholders(
-        self,
-        new_token_ids: list[int],
-        mm_prompt_updates: MultiModalPromptUpdates,
-    ) -> Mapping[str, list[PlaceholderFeaturesInfo]]:
-        # vLLM takes the FIRST occurrence of the placeholder; the latent goes at the LAST one, so a
-        # placeholder id the policy happened to generate inside the prefix stays an ordinary token
-        # (embedded from its row, as in the reference and the stock model).
-        found = dict(super()._find_mm_placeholders(new_token_ids, mm_prompt_updates))
-        latents = found.get(LATENT_MODALITY)
-        if latents:
-            placeholder = self.info.placeholder_token_id()
-            last = len(new_token_ids) - 1 - new_token_ids[::-1].index(placeholder)
-            found[LATENT_MODALITY] = [dataclasses.replace(latents[0], start_idx=last)]
-        return found
-
     def _maybe_apply_prompt_updates(
         self,
         mm_items: MultiModalDataItems,
@@ -215,7 +196,6 @@ class _LatentTokenMethods:
                 f"({embedding_rows} rows); pick an unused row, e.g. >= 151665 for Qwen2.5"
             )
         self.configure_mm_token_handling(config.get_text_config().vocab_size, [placeholder])
-        self._latent_placeholder_id = placeholder
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         latent_embeds = kwargs.pop(LATENT_EMBEDS_FIELD, None)
@@ -240,9 +220,8 @@ class _LatentTokenMethods:
         is_multimodal: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # The stock class's one-argument embed_input_ids precedes SupportsMultiModal's in the
-        # MRO, so the merge is written here: a latent position holding the placeholder id gets v
-        # (inserted), any other (the fork token, additive) gets E[token] + v, summed in the model
-        # dtype as in the reference (recipe/iib_lpo/latent/reference.add_to_fork_token).
+        # MRO, so the merge is written here: the latent position gets E[token] + v, summed in the
+        # model dtype as in the reference (recipe/iib_lpo/latent/reference.add_to_fork_token).
         inputs_embeds = self._embed_text_input_ids(
             input_ids, self.get_language_model().embed_input_ids, is_multimodal=is_multimodal
         )
@@ -254,9 +233,7 @@ class _LatentTokenMethods:
         positions = is_multimodal.to(device=inputs_embeds.device).nonzero().squeeze(-1)
         if positions.numel() != latents.shape[0]:
             raise ValueError(f"{latents.shape[0]} latent rows for {positions.numel()} latent positions")
-        inserted = (input_ids.to(positions.device)[positions] == self._latent_placeholder_id).unsqueeze(-1)
-        rows = inputs_embeds[positions]
-        inputs_embeds[positions] = torch.where(inserted, latents, rows + latents)
+        inputs_embeds[positions] = inputs_embeds[positions] + latents
         return inputs_embeds
 
 

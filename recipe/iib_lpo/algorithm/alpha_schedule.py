@@ -16,13 +16,12 @@ Four closed forms, each from ``p_init`` to the floor ``p_min`` (s = min(step, to
 * exponential:  p = max(p_min, p_init * decay_rate ** step)   (per-step rate, independent of
                 total_steps; reaches the floor in finite time)
 
-Why the probability and not the scale (measured, tests/test_latent_reference_alpha_scale.py and
-README "Latent schedule: measured effect"): Qwen2/Qwen3 RMS-normalise every position's input
-before the first attention layer, so that layer sees only the direction of alpha * P(z). Shrinking
-alpha converges to a fixed "empty token" effect, not to the plain model, so an alpha schedule
-1.0 -> 0.1 barely changes the branches' next-token distributions. A branch without a latent is
-exactly the plain model, so the expected shift of a branch is p_inject(step) times the shift of
-an injected branch: the decay is real.
+Why the probability and not the scale (README "Latent schedule"): the schedule was designed for
+the former inserted latent token, whose scale Qwen2/Qwen3's input RMSNorm removed (an alpha
+schedule 1.0 -> 0.1 barely changed the branches). A branch without a latent is exactly the plain
+model, so the expected shift of a branch is p_inject(step) times the shift of an injected branch:
+the decay is real. The additive latent's scale matters as well (``scale``;
+tests/test_latent_reference_alpha_scale.py).
 
 The per-branch draw is :func:`draw_latent_injection` on a seed derived from the prompt, step,
 parent and branch (``rollout.seeds.session_seeds``), so it is reproducible and independent of

@@ -33,14 +33,16 @@ applies too), so a lars prior gives every fork point of a prompt the same latent
 as in the paper's code, instead of being queried with texts it never saw. The scheme follows
 from the mode (:data:`MODE_CONDITION_SCHEME`); the loader refuses a header where they disagree.
 
-Injection (header field ``injection``, latent/reference.py LATENT_INJECTIONS): how P's output
-enters the policy, which is how P was trained; the rollout injects the same way.
+Injection (header field ``injection``, always "additive"): P's output is added to the fork
+token's embedding (latent/reference.py), as in training and the rollout. Files whose header says
+"inserted" (the paper code's virtual token, removed after the branch-quality measurement; README
+"The latent") are refused with that reason.
 
 Format history: version 2 added ``condition_scheme`` and changed how condition texts are cut to
 the encoder's length (the question is kept, the prefix shortened from its start;
 text_encoder.py). Version-1 checkpoints were trained on differently cut conditions and are
 refused with that reason: retrain them with train_cvae. Version 3 added ``injection`` and the
-span projector; a version-2 file reads as ``injection="inserted"`` (all it could be trained for).
+span projector; a version-2 file was made for an inserted token and is refused like one.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ from torch import nn
 
 CHECKPOINT_FORMAT = "iib_lpo.cvae"
 CHECKPOINT_FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (2, 3)
+READABLE_FORMAT_VERSIONS = (2, 3)  # 2 only to refuse it with its reason (module docstring)
+LATENT_INJECTION = "additive"  # the header's ``injection`` (module docstring)
 CVAE_MODES = ("fork", "lars", "prefix", "lm")
 # What the prior is conditioned on (module docstring): the question alone, or question + prefix.
 CONDITION_SCHEMES = ("question", "question_prefix")
@@ -356,7 +359,6 @@ class CVAECheckpointInfo:
     encoder_name: str
     mode: str
     condition_scheme: str  # "question" (lars) or "question_prefix" (fork, prefix, lm); see module docstring
-    injection: str = "additive"  # how P's output enters the policy (module docstring)
     format_version: int = CHECKPOINT_FORMAT_VERSION
     train_summary: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -367,13 +369,9 @@ def save_cvae_checkpoint(
     *,
     encoder_name: str,
     mode: str,
-    injection: str = "additive",
     train_summary: dict[str, Any] | None = None,
 ) -> Path:
     """Write model weights + header to ``path`` (one file, loadable with weights_only=True).
-
-    injection: how P was trained to enter the policy (latent/reference.py LATENT_INJECTIONS); the
-    rollout injects the same way.
 
     train_summary: plain numbers / strings only (e.g. final ELBO, row counts, seed).
     The header's ``condition_scheme`` is ``MODE_CONDITION_SCHEME[mode]`` (not a free argument, so
@@ -381,16 +379,13 @@ def save_cvae_checkpoint(
     """
     if mode not in CVAE_MODES:
         raise ValueError(f"mode must be one of {CVAE_MODES}, got {mode!r}")
-    from recipe.iib_lpo.latent.reference import check_injection
-
-    check_injection(injection)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "config": dataclasses.asdict(model.config),
         "encoder_name": str(encoder_name),
         "mode": mode,
-        "injection": injection,
+        "injection": LATENT_INJECTION,
         "condition_scheme": MODE_CONDITION_SCHEME[mode],
         "train_summary": dict(train_summary or {}),
         "state_dicts": {
@@ -420,7 +415,6 @@ def load_cvae_checkpoint(
     expected_policy_hidden_size: int | None = None,
     expected_encoder_name: str | None = None,
     expected_mode: str | None = None,
-    expected_injection: str | None = None,
     map_location: str | torch.device = "cpu",
 ) -> tuple[LatentCVAE, CVAECheckpointInfo]:
     """Load and validate a checkpoint written by :func:`save_cvae_checkpoint`.
@@ -470,17 +464,19 @@ def load_cvae_checkpoint(
         encoder_name=str(_header_field(payload, "encoder_name", path)),
         mode=str(_header_field(payload, "mode", path)),
         condition_scheme=str(_header_field(payload, "condition_scheme", path)),
-        # version 2 predates the additive injection: its P was made for an inserted token
-        injection=str(_header_field(payload, "injection", path)) if version >= 3 else "inserted",
         format_version=version,
         train_summary=dict(payload.get("train_summary") or {}),
     )
     if info.mode not in CVAE_MODES:
         raise CVAECheckpointError(f"{path}: unknown mode {info.mode!r} (known: {CVAE_MODES})")
-    from recipe.iib_lpo.latent.reference import LATENT_INJECTIONS
-
-    if info.injection not in LATENT_INJECTIONS:
-        raise CVAECheckpointError(f"{path}: unknown injection {info.injection!r} (known: {LATENT_INJECTIONS})")
+    # version 2 predates the additive injection: its P was made for an inserted token
+    injection = str(_header_field(payload, "injection", path)) if version >= 3 else "inserted"
+    if injection != LATENT_INJECTION:
+        raise CVAECheckpointError(
+            f"{path}: injection={injection!r}, but the recipe adds the latent to the fork token's embedding "
+            f"({LATENT_INJECTION!r}); the inserted virtual token was removed after it halved branch accuracy on "
+            "the demo (README, 'The latent'): retrain with python -m recipe.iib_lpo.train_cvae"
+        )
     if info.condition_scheme != MODE_CONDITION_SCHEME[info.mode]:
         raise CVAECheckpointError(
             f"{path}: condition_scheme={info.condition_scheme!r} but a {info.mode!r} checkpoint's prior is trained "
@@ -493,7 +489,6 @@ def load_cvae_checkpoint(
         ("policy_hidden_size", config.policy_hidden_size, expected_policy_hidden_size),
         ("encoder_name", info.encoder_name, expected_encoder_name),
         ("mode", info.mode, expected_mode),
-        ("injection", info.injection, expected_injection),
     ]
     for name, actual, expected in expectations:
         if expected is not None and actual != expected:

@@ -9,9 +9,8 @@ example is (chat prompt, r[:t*], r[t*:]). The parent's own tokens after t* are a
 pi(. | prompt, r[:t*]): what a plain branch would produce, with no extra generation.
 
 Loss per example, batch mean (:func:`fork_latent_loss`), with v = alpha * P(z) added to the fork
-token's embedding (``ForkLossConfig.injection`` "additive", the default; "inserted" trains the
-paper code's virtual token instead, so the two are compared under the same training; the
-checkpoint records which, and the rollout injects the same way):
+token's embedding (as the rollout injects it; the paper code's inserted virtual token, trained
+with this same loss, halved branch accuracy and was removed: README "The latent"):
 
     NLL(r[t*:] | prompt, r[:t*], v(z_q)), summed over tokens   z_q ~ q(z | e_x, e_y), reparameterised
   + beta * sum_d max(KL_d(q || p), free_bits)                batch-mean KL per dimension
@@ -42,7 +41,7 @@ import torch
 
 from recipe.iib_lpo.algorithm.branching import FORK_OK, BranchingConfig, choose_fork_position
 from recipe.iib_lpo.latent.cvae import LatentCVAE, gaussian_kl_per_dim, reparameterize
-from recipe.iib_lpo.latent.reference import check_injection, continuation_logits_batched, latent_token_embedding
+from recipe.iib_lpo.latent.reference import continuation_logits_batched, latent_token_embedding
 from recipe.iib_lpo.latent.sampler import build_condition_text
 
 logger = logging.getLogger("iib_lpo.train_cvae")
@@ -151,8 +150,7 @@ class ForkLossConfig:
     """Weights of :func:`fork_latent_loss` (module docstring). Defaults: beta 1 (the ELBO's own
     weight), free bits 0.1 nats per dimension (z keeps at least that much information), fork-KL
     target 0.5 nats with weight 1 (one z moves the fork's next-token distribution by at most about
-    that much), alpha 1 (the rollout's constant scale), the additive injection
-    (``reference.LATENT_INJECTIONS``)."""
+    that much), alpha 1 (the rollout's constant scale)."""
 
     beta: float = 1.0
     free_bits: float = 0.1
@@ -160,10 +158,8 @@ class ForkLossConfig:
     hinge_weight: float = 1.0
     alpha: float = 1.0
     temperature: float = 1.0
-    injection: str = "additive"
 
     def __post_init__(self) -> None:
-        check_injection(self.injection)
         for name in ("beta", "free_bits", "fork_kl_target", "hinge_weight", "alpha"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -217,7 +213,7 @@ def fork_loss_terms(
     latents = latent_token_embedding(model.projector, z, config.alpha)
     contexts = [ex.context_ids for ex in examples]
     continuations = [ex.continuation_ids for ex in examples]
-    logits = continuation_logits_batched(policy, contexts, continuations, list(latents), injection=config.injection)
+    logits = continuation_logits_batched(policy, contexts, continuations, list(latents))
     with torch.no_grad():
         plain_first = torch.stack([
             rows[0] for rows in continuation_logits_batched(policy, contexts, [c[:1] for c in continuations], None)

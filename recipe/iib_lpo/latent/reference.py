@@ -1,18 +1,14 @@
 """Latent injection, REFERENCE implementation in plain PyTorch / transformers (Qwen2, Qwen3).
 
-METHOD.md, "Latent injection". Two ways to give a branch the latent vector v = alpha * P(z)
-(:func:`latent_token_embedding`), named by ``injection`` (:data:`LATENT_INJECTIONS`):
+METHOD.md, "Latent injection". A branch gets the latent vector v = alpha * P(z)
+(:func:`latent_token_embedding`) ADDED to the input embedding of the fork token, the last context
+token: e = E[r_{t*-1}] + v. No position is added, so v = 0 (alpha = 0) is exactly the plain
+model, bit for bit: the latent has a true zero, and its scale matters (nothing renormalises a sum
+before the first layer's RMSNorm sees the whole row). The paper code's alternative, one inserted
+virtual token with embedding v, has no zero (RMSNorm removes its scale) and was removed after the
+branch-quality measurement under the same fork training (README, "The latent").
 
-* ``"additive"`` (default, issue 20): v is ADDED to the input embedding of the fork token, the
-  last context token: e = E[r_{t*-1}] + v. No position is added, so v = 0 (alpha = 0) is
-  exactly the plain model, bit for bit: the latent has a true zero, and its scale matters
-  (nothing renormalises a sum before the first layer's RMSNorm sees the whole row).
-* ``"inserted"`` (paper code): one *virtual* token is inserted after the context with input
-  embedding v; it occupies one position (context 0..n-1, latent n, continuation n+1..). RMSNorm
-  removes its scale, so there is no zero: alpha -> 0 still leaves an empty token that shifts
-  every later position (README, "The latent").
-
-``latent_embedding=None`` means no latent at all: exactly the plain model, in both modes.
+``latent_embedding=None`` means no latent at all: exactly the plain model.
 
 This module is the ground truth the vLLM implementation (verl_patches/vllm_latent) must match
 within 1e-4 on the tiny test models. It favours clarity over speed; it is also used to train P
@@ -46,22 +42,14 @@ import torch
 from torch import nn
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
-# How the latent vector enters the model (module docstring); the first is the default.
-LATENT_INJECTIONS = ("additive", "inserted")
-
-
-def check_injection(injection: str) -> str:
-    if injection not in LATENT_INJECTIONS:
-        raise ValueError(f"injection must be one of {LATENT_INJECTIONS}, got {injection!r}")
-    return injection
 
 
 def latent_token_embedding(projector: nn.Module, z: torch.Tensor, alpha: float) -> torch.Tensor:
     """The latent vector ``alpha * P(z)``: z [..., d_z] -> [..., hidden].
 
-    The single definition used by the sampler (rollout), training and the reference: the inserted
-    token's input embedding, or the vector added to the fork token's embedding (``additive``).
-    alpha must be finite and >= 0; alpha = 0 gives zeros (additive: exactly the plain model).
+    The single definition used by the sampler (rollout), training and the reference: the vector
+    added to the fork token's embedding. alpha must be finite and >= 0; alpha = 0 gives zeros
+    (exactly the plain model).
     """
     alpha = float(alpha)
     if not (alpha >= 0.0 and alpha < float("inf")):
@@ -108,38 +96,28 @@ def build_input_embeddings(
     context_ids: Sequence[int],
     continuation_ids: Sequence[int],
     latent_embedding: torch.Tensor | None,
-    injection: str = "additive",
 ) -> tuple[torch.Tensor, int]:
-    """Input embeddings [T, hidden] of context (+ latent) + continuation, and the prefix length.
-
-    The prefix length is the number of positions before the first continuation token
-    (len(context) + 1 with an inserted latent, len(context) otherwise). The latent is cast to the
-    model's embedding dtype and device, as the engine would store it. ``additive`` needs a
-    non-empty context (the latent is added to its last token).
+    """Input embeddings [T, hidden] of context + continuation, with the latent (if any) added to the
+    context's last token, and the prefix length (len(context)). The latent is cast to the model's
+    embedding dtype and device, as the engine would store it; it needs a non-empty context.
     """
-    check_injection(injection)
     table = model.get_input_embeddings().weight
-    device, dtype = table.device, table.dtype
+    device = table.device
     vocab_size = table.shape[0]
     context = _as_id_tensor(context_ids, device, "context_ids", vocab_size)
     continuation = _as_id_tensor(continuation_ids, device, "continuation_ids", vocab_size)
     context_embeds = _embed_ids(model, context)
-    inserted = latent_embedding is not None and injection == "inserted"
     if latent_embedding is not None:
         _check_latent(model, latent_embedding)
-        if injection == "additive":
-            if context.numel() == 0:
-                raise ValueError("an additive latent needs a non-empty context (it is added to the last token)")
-            context_embeds = torch.cat(
-                [context_embeds[:-1], add_to_fork_token(context_embeds[-1:], latent_embedding.reshape(1, -1))]
-            )
-    pieces = [context_embeds]
-    if inserted:
-        pieces.append(latent_embedding.to(device=device, dtype=dtype).reshape(1, -1))
-    pieces.append(_embed_ids(model, continuation))
-    prefix_len = context.numel() + (1 if inserted else 0)
+        if context.numel() == 0:
+            raise ValueError("a latent needs a non-empty context (it is added to the last token)")
+        context_embeds = torch.cat(
+            [context_embeds[:-1], add_to_fork_token(context_embeds[-1:], latent_embedding.reshape(1, -1))]
+        )
+    pieces = [context_embeds, _embed_ids(model, continuation)]
+    prefix_len = context.numel()
     if prefix_len == 0 and continuation.numel() > 0:
-        raise ValueError("cannot score a continuation with an empty context and no latent token")
+        raise ValueError("cannot score a continuation with an empty context")
     return torch.cat(pieces, dim=0), prefix_len
 
 
@@ -153,11 +131,10 @@ def continuation_logits(
     context_ids: Sequence[int],
     continuation_ids: Sequence[int],
     latent_embedding: torch.Tensor | None,
-    injection: str = "additive",
 ) -> torch.Tensor:
     """Logits float32 [len(continuation), V] predicting each continuation token given context,
     [latent] and the earlier continuation tokens. One full forward pass (no KV cache)."""
-    embeds, prefix_len = build_input_embeddings(model, context_ids, continuation_ids, latent_embedding, injection)
+    embeds, prefix_len = build_input_embeddings(model, context_ids, continuation_ids, latent_embedding)
     n_cont = embeds.shape[0] - prefix_len
     if n_cont == 0:
         vocab_size = model.get_output_embeddings().weight.shape[0]
@@ -173,14 +150,13 @@ def score_continuation(
     context_ids: Sequence[int],
     continuation_ids: Sequence[int],
     latent_embedding: torch.Tensor | None,
-    injection: str = "additive",
 ) -> torch.Tensor:
     """log p(continuation_j | context, [latent], continuation_<j) for each j: float32 [len(continuation)].
 
     One full forward pass (no KV cache): this is also the "no-cache recomputation" against which
     cached generation is checked.
     """
-    logits = continuation_logits(model, context_ids, continuation_ids, latent_embedding, injection)
+    logits = continuation_logits(model, context_ids, continuation_ids, latent_embedding)
     targets = _as_id_tensor(continuation_ids, logits.device, "continuation_ids")
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
@@ -192,7 +168,6 @@ def continuation_logits_batched(
     latent_embeddings: Sequence[torch.Tensor | None] | None,
     *,
     padding_side: str = "right",
-    injection: str = "additive",
 ) -> list[torch.Tensor]:
     """:func:`continuation_logits` for several sequences in one padded forward pass (differentiable
     in the latents): float32 [len(continuation_i), V] per row.
@@ -213,7 +188,7 @@ def continuation_logits_batched(
     if not contexts:
         return []
     rows = [
-        build_input_embeddings(model, ctx, cont, lat, injection)
+        build_input_embeddings(model, ctx, cont, lat)
         for ctx, cont, lat in zip(contexts, continuations, latent_embeddings)
     ]
     table = model.get_input_embeddings().weight
@@ -252,12 +227,11 @@ def score_continuations_batched(
     latent_embeddings: Sequence[torch.Tensor | None] | None,
     *,
     padding_side: str = "right",
-    injection: str = "additive",
 ) -> list[torch.Tensor]:
     """:func:`score_continuation` for several sequences in one padded forward pass
     (:func:`continuation_logits_batched` says how rows are padded and positioned)."""
     all_logits = continuation_logits_batched(
-        model, contexts, continuations, latent_embeddings, padding_side=padding_side, injection=injection
+        model, contexts, continuations, latent_embeddings, padding_side=padding_side
     )
     results = []
     for logits, cont in zip(all_logits, continuations):
@@ -378,7 +352,6 @@ def generate_with_latent(
     generator: torch.Generator | None = None,
     *,
     logprobs_mode: str = "raw_logprobs",
-    injection: str = "additive",
 ) -> tuple[list[int], torch.Tensor]:
     """Sample a continuation of context (+ latent token): (token ids, float32 log-probs per token).
 
@@ -390,7 +363,7 @@ def generate_with_latent(
     from transformers import DynamicCache
 
     _check_generation_args(max_new_tokens, logprobs_mode)
-    embeds, prefix_len = build_input_embeddings(model, context_ids, [], latent_embedding, injection)
+    embeds, prefix_len = build_input_embeddings(model, context_ids, [], latent_embedding)
     if prefix_len == 0:
         raise ValueError("generate_with_latent needs a non-empty context or a latent token")
     if max_new_tokens == 0:
@@ -422,14 +395,12 @@ def generate_with_latents_batched(
     *,
     num_samples: int | None = None,
     logprobs_mode: str = "raw_logprobs",
-    injection: str = "additive",
 ) -> list[tuple[list[int], torch.Tensor]]:
     """Several continuations of ONE shared context, one per latent (the K branches of a fork).
 
     The context's KV cache is computed once (batch 1) and expanded to the K rows; then the K
-    latent positions are run as one batched step (``inserted``: a latent token at position
-    len(context); ``additive``: the fork token, the context's last, with E[fork] + v_k at its own
-    position, after a shared cache of the context before it), then decoding proceeds in batch. ``latent_embeddings=None`` means K = ``num_samples`` plain continuations (alpha = 0).
+    latent positions are run as one batched step (the fork token, the context's last, with
+    E[fork] + v_k at its own position, after a shared cache of the context before it), then decoding proceeds in batch. ``latent_embeddings=None`` means K = ``num_samples`` plain continuations (alpha = 0).
     Returns a list of (token ids, log-probs) per row, each as :func:`generate_with_latent` would.
     Random draws differ from K separate calls (one generator consumed in batch order); greedy
     results are equal up to float reordering.
@@ -453,16 +424,14 @@ def generate_with_latents_batched(
             raise ValueError(f"num_samples={num_samples} but {batch} latent embeddings were given")
     if batch == 0:
         return []
-    check_injection(injection)
-    additive = latent_embeddings is not None and injection == "additive"
     embeds, n_ctx = build_input_embeddings(model, context_ids, [], None)
     if n_ctx == 0:
         raise ValueError("generate_with_latents_batched needs a non-empty shared context")
     device = embeds.device
     if max_new_tokens == 0:
         return [([], torch.empty(0, dtype=torch.float32, device=device)) for _ in range(batch)]
-    # Additive: the fork token's row differs per branch, so only the context before it is shared.
-    n_shared = n_ctx - 1 if additive else n_ctx
+    # With latents the fork token's row differs per branch, so only the context before it is shared.
+    n_shared = n_ctx - 1 if latent_embeddings is not None else n_ctx
     cache = DynamicCache(config=model.config)
     if n_shared > 0:
         out = model(
@@ -477,17 +446,10 @@ def generate_with_latents_batched(
     if latent_embeddings is None:
         last_logits = out.logits[:, -1].expand(batch, -1)
     else:
-        table = model.get_input_embeddings().weight
-        if additive:
-            step = add_to_fork_token(embeds[n_ctx - 1 :].expand(batch, -1), latent_embeddings).unsqueeze(1)
-            step_position = n_ctx - 1
-        else:
-            step = latent_embeddings.to(device=table.device, dtype=table.dtype).unsqueeze(1)
-            step_position = n_ctx
-            next_position += 1
+        step = add_to_fork_token(embeds[n_ctx - 1 :].expand(batch, -1), latent_embeddings).unsqueeze(1)
         out = model(
             inputs_embeds=step,
-            position_ids=torch.full((batch, 1), step_position, dtype=torch.long, device=device),
+            position_ids=torch.full((batch, 1), n_ctx - 1, dtype=torch.long, device=device),
             past_key_values=cache,
             use_cache=True,
         )

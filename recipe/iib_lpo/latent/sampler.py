@@ -90,8 +90,7 @@ class LatentSampler:
         (typically from ``load_cvae_checkpoint``); device: where the CVAE runs;
         condition_scheme: what the prior was trained on (the checkpoint's ``condition_scheme``;
         :meth:`from_checkpoint` takes it from the header). Condition texts are passed through
-        :func:`prior_condition_text` with it before encoding. injection: how the embeddings enter
-        the policy (the checkpoint's; latent/reference.py LATENT_INJECTIONS), carried to the rollout.
+        :func:`prior_condition_text` with it before encoding.
     """
 
     def __init__(
@@ -100,7 +99,6 @@ class LatentSampler:
         cvae: LatentCVAE,
         device: str | torch.device = "cpu",
         condition_scheme: str = "question_prefix",
-        injection: str = "additive",
     ):
         if int(encoder.embed_dim) != cvae.config.embed_dim:
             raise ValueError(
@@ -108,10 +106,7 @@ class LatentSampler:
             )
         if condition_scheme not in CONDITION_SCHEMES:
             raise ValueError(f"condition_scheme must be one of {CONDITION_SCHEMES}, got {condition_scheme!r}")
-        from recipe.iib_lpo.latent.reference import check_injection
-
         self.condition_scheme = condition_scheme
-        self.injection = check_injection(injection)
         self.encoder = encoder
         self.device = torch.device(device)
         self.cvae = cvae.to(self.device).eval()
@@ -150,7 +145,7 @@ class LatentSampler:
             device=device,
             dtype=encoder_dtype,
         )
-        return cls(encoder, cvae, device=device, condition_scheme=info.condition_scheme, injection=info.injection)
+        return cls(encoder, cvae, device=device, condition_scheme=info.condition_scheme)
 
     @property
     def policy_hidden_size(self) -> int:

@@ -119,7 +119,6 @@ class LatentDraw:
     embedding_norms: torch.Tensor  # [K]
     z_norms: torch.Tensor  # [K]
     alpha: float
-    injection: str = "additive"  # how the embeddings enter the policy (the checkpoint's; latent/reference.py)
 
 
 @dataclass
@@ -260,8 +259,7 @@ class BatchingLatentService:
         z_norms = samples.z_norms.detach().to("cpu", torch.float32)
         return [
             LatentDraw(embeddings=embeddings[i].clone(), embedding_norms=embedding_norms[i].clone(),
-                       z_norms=z_norms[i].clone(), alpha=float(alpha),
-                       injection=str(getattr(self._sampler, "injection", "additive")))
+                       z_norms=z_norms[i].clone(), alpha=float(alpha))
             for i in range(len(texts))
         ]
 

@@ -360,8 +360,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-parquet", nargs="+", required=True, help="data_prep output parquet file(s)")
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.add_argument("--mode", choices=CVAE_MODES, default="fork", help="fork (default) | lars | prefix | lm")
-    p.add_argument("--injection", choices=("additive", "inserted"), default="additive",
-                   help="how P's output enters the policy, recorded in the checkpoint (default additive)")
     p.add_argument("--encoder", default="microsoft/deberta-v2-xlarge",
                    help="HF encoder id or local dir (default: deberta-v2-xlarge, as in the paper code)")
     p.add_argument("--encoder-max-length", type=int, default=512, help="tokens per text (default 512, paper code)")
@@ -500,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         summary.update({"lm_pairs": n, "lm_alpha": args.lm_alpha, "lm_latent_source": "prior",
                         "lm_final_suffix_nll": nll[-1] if nll else math.nan})
     out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode=args.mode,
-                               injection=args.injection, train_summary=summary)
+                               train_summary=summary)
     logger.info("wrote %s (%s)", out, summary)
     return out
 
@@ -521,8 +519,7 @@ def _main_fork(args, rows: list[TrainingRow], row_stats: RowStats, policy_hidden
     branching = BranchingConfig(rho=args.rho, t_min=args.t_min, t_margin=args.t_margin, strategy=args.fork_strategy)
     loss_config = fork_training.ForkLossConfig(
         beta=args.beta_kl, free_bits=args.free_bits, fork_kl_target=args.fork_kl_target,
-        hinge_weight=args.hinge_weight, alpha=args.lm_alpha, temperature=args.fork_temperature,
-        injection=args.injection)
+        hinge_weight=args.hinge_weight, alpha=args.lm_alpha, temperature=args.fork_temperature)
     tokenizer = AutoTokenizer.from_pretrained(args.policy_model)
     examples, fork_stats = fork_training.sample_own_forks(
         args.policy_model, tokenizer, [r.prompt for r in rows], [r.question for r in rows], branching,
@@ -561,7 +558,7 @@ def _main_fork(args, rows: list[TrainingRow], row_stats: RowStats, policy_hidden
         "fork_temperature": args.fork_temperature, "encoder_truncation_side": args.encoder_truncation_side,
         "encoder_max_length": args.encoder_max_length,
     }
-    out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode="fork", injection=args.injection,
+    out = save_cvae_checkpoint(args.out, model, encoder_name=args.encoder, mode="fork",
                                train_summary=summary)
     logger.info("wrote %s: plain NLL/token %.4f -> with posterior z %.4f, KL/dim %.4f, median fork KL %.4f",
                 out, baseline, last.nll, last.kl_per_dim, last.fork_kl_median)

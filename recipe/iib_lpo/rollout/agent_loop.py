@@ -88,9 +88,9 @@ logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARN"))
 
 @dataclass(frozen=True)
 class BranchPrompt:
-    """What a branch sends the engine: ``engine_prompt`` (prompt + source[:fork_position], plus the
-    latent's placeholder token when an ``inserted`` latent is injected), its ``image_data`` (the latent
-    vector, or None) and the latent fields."""
+    """What a branch sends the engine: ``engine_prompt`` (prompt + source[:fork_position]), its
+    ``image_data`` (the latent vector added to the last prompt token's embedding, or None) and the
+    latent fields."""
 
     fork_position: int
     engine_prompt: list[int]
@@ -312,7 +312,7 @@ class BranchingAgentLoop(AgentLoopBase):
         from verl_patches.vllm_latent import LATENT_MODALITY, build_latent_prompt
 
         latent = draw.embeddings[role.branch_index]
-        request = build_latent_prompt(engine_prompt, latent, int(cfg.placeholder_token_id), injection=draw.injection)
+        request = build_latent_prompt(engine_prompt, latent, int(cfg.placeholder_token_id))
         return BranchPrompt(fork_position, request["prompt_token_ids"], request["multi_modal_data"][LATENT_MODALITY],
                             LatentFields(LATENT_INJECTED, latent_prob, cfg.schedule.scale,
                                          float(draw.embedding_norms[role.branch_index])))
