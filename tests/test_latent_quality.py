@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from recipe.iib_lpo import latent_quality as lq
+from recipe.iib_lpo.latent.reference import kl_divergence, tempered_logprobs
 
 K = 3
 
@@ -50,16 +51,18 @@ def test_paired_values_drop_undefined_forks_and_refuse_unpaired_lists():
 def test_kl_divergence_known_values():
     p = torch.log(torch.tensor([0.5, 0.5, 0.0]))
     q = torch.log(torch.tensor([0.25, 0.5, 0.25]))
-    assert lq.kl_divergence(p, p) == 0.0
-    assert lq.kl_divergence(p, q) == pytest.approx(0.5 * math.log(2.0))  # the 0 entry contributes 0
-    assert lq.kl_divergence(q, p) == math.inf  # q has mass where p has none
+    assert float(kl_divergence(p, p)) == 0.0
+    assert float(kl_divergence(p, q)) == pytest.approx(0.5 * math.log(2.0))  # the 0 entry contributes 0
+    assert float(kl_divergence(q, p)) == math.inf  # q has mass where p has none
+    # row-wise on [..., V]: the fork-mode training's fork KL is the same function
+    assert kl_divergence(torch.stack([p, q]), torch.stack([q, q])).tolist() == pytest.approx([0.5 * math.log(2.0), 0.0])
 
 
 def test_tempered_logprobs_are_verls_actor_view():
     logits = torch.tensor([[2.0, 0.0, -1.0]])
-    torch.testing.assert_close(lq.tempered_logprobs(logits, 0.5), torch.log_softmax(logits / 0.5, dim=-1))
+    torch.testing.assert_close(tempered_logprobs(logits, 0.5), torch.log_softmax(logits / 0.5, dim=-1))
     with pytest.raises(ValueError):
-        lq.tempered_logprobs(logits, 0.0)
+        tempered_logprobs(logits, 0.0)
 
 
 def test_truncated_share_and_threshold_spec():

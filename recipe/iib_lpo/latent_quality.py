@@ -76,6 +76,7 @@ import numpy as np
 import torch
 
 from recipe.iib_lpo.algorithm.branching import gumbel_top_k, without_replacement_log_ratios
+from recipe.iib_lpo.latent.reference import kl_divergence, tempered_logprobs
 
 ARMS = ("plain", "latent", "latent_orthogonal", "first_token_distinct")
 PLAIN_ARMS = ("plain", "first_token_distinct")
@@ -107,21 +108,6 @@ _STREAM_PARENT, _STREAM_FORK, _STREAM_BRANCHES, _STREAM_Z = range(4)
 def derived_seed(seed: int, row: int, stream: int) -> int:
     """A 63-bit seed for one draw, from the run's seed, the problem's row and the stream."""
     return int(np.random.SeedSequence([int(seed), int(row), int(stream)]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """verl's actor view of the policy: ``log_softmax(logits / temperature)`` in float32 (no top-p)."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return torch.log_softmax(logits.to(torch.float32) / float(temperature), dim=-1)
-
-
-def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
-    """KL(p || q) in nats of two log-prob vectors [V] over the same support (0 log 0 = 0)."""
-    logp, logq = logp.to(torch.float64), logq.to(torch.float64)
-    p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))
-    return float(terms.sum())
 
 
 def parse_is_threshold(spec: float | int | str) -> float:
@@ -464,7 +450,7 @@ def _score_branches(run: _Run, fork: Fork, continuations, latents=None,
         branches.append(Branch(
             continuation=list(cont), text=run.decode(cont), correct=bool(score["acc"]), answer=extract_answer(full_text),
             log_ratios=log_ratios, plain_nll=nll,
-            fork_kl=None if latents is None else kl_divergence(lp_arm[0], lp_plain[0]),
+            fork_kl=None if latents is None else float(kl_divergence(lp_arm[0], lp_plain[0])),
         ))
     return branches
 

@@ -41,7 +41,12 @@ import torch
 
 from recipe.iib_lpo.algorithm.branching import FORK_OK, BranchingConfig, choose_fork_position
 from recipe.iib_lpo.latent.cvae import LatentCVAE, gaussian_kl_per_dim, reparameterize
-from recipe.iib_lpo.latent.reference import continuation_logits_batched, latent_token_embedding
+from recipe.iib_lpo.latent.reference import (
+    continuation_logits_batched,
+    kl_divergence,
+    latent_token_embedding,
+    tempered_logprobs,
+)
 from recipe.iib_lpo.latent.sampler import build_condition_text
 
 logger = logging.getLogger("iib_lpo.train_cvae")
@@ -179,9 +184,7 @@ class ForkLossTerms:
 
 def fork_kl(latent_logits: torch.Tensor, plain_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL(softmax(a / T) || softmax(b / T)) per row of [..., V] logits (nats)."""
-    log_a = torch.log_softmax(latent_logits.to(torch.float32) / temperature, dim=-1)
-    log_b = torch.log_softmax(plain_logits.to(torch.float32) / temperature, dim=-1)
-    return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
+    return kl_divergence(tempered_logprobs(latent_logits, temperature), tempered_logprobs(plain_logits, temperature))
 
 
 def fork_latent_loss(

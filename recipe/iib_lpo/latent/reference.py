@@ -44,6 +44,20 @@ from torch import nn
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
 
+def tempered_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """verl's actor view of the policy: ``log_softmax(logits / temperature)`` in float32 (no top-p)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.log_softmax(logits.to(torch.float32) / float(temperature), dim=-1)
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) in nats per row of two [..., V] log-prob tensors over the same support (0 log 0 = 0;
+    inf where q has no mass and p has some). Differentiable where p > 0."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(dim=-1)
+
+
 def latent_token_embedding(projector: nn.Module, z: torch.Tensor, alpha: float) -> torch.Tensor:
     """The latent vector ``alpha * P(z)``: z [..., d_z] -> [..., hidden].
 
