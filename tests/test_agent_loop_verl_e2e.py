@@ -232,7 +232,7 @@ def test_server_topk_logprobs_match_transformers(cluster, hf_model):
     # the ids of the top-k entries: each id's reference log-prob is its returned value (robust to ties)
     ids = out.extra_fields["topk_token_ids"]
     assert ids.shape == (24, 20) and all(len(set(row)) == 20 for row in ids.tolist())
-    np.testing.assert_allclose(ref.gather(-1, torch.as_tensor(ids)).numpy(), topk, atol=1e-4)
+    np.testing.assert_allclose(ref.gather(-1, torch.tensor(ids.tolist())).numpy(), topk, atol=1e-4)
 
 
 @pytest.mark.timeout(900)
@@ -345,6 +345,47 @@ def test_tier1_latent_mode_none_deterministic_under_seed(cluster, tokenizer):
             assert m1 == m2
             np.testing.assert_allclose(lp1, lp2, atol=1e-5)
     assert first[0][0][0] != first[0][1][0]  # the two initial rollouts of a prompt differ
+
+
+@pytest.mark.timeout(900)
+def test_tier1_distinct_first_tokens_through_the_real_server(cluster, tokenizer, hf_model):
+    """sibling_first_tokens=distinct on the real server: the K siblings' tokens at t* differ, each is
+    among the fork distribution's top-k (HF reference, placeholder banned), its rollout log-prob is
+    the behaviour log-prob of sampling without replacement from that top-k row, and the rest of the
+    branch is the engine's plain continuation (its log-probs match the reference)."""
+    config, manager = cluster
+    iib = _iib_config(mode="none", seed=99)
+    iib["branching"]["sibling_first_tokens"] = "distinct"
+    config = _with_iib(config, iib)
+    groups = asyncio.run(_run_groups(config, manager.get_client(), tokenizer, num_prompts=1, tag="distinct"))
+    [outputs] = groups
+    prompt_ids = outputs[0].prompt_ids
+    for i in range(M):
+        parent = outputs[i]
+        t = parent.extra_fields["iib_fork_position"]
+        assert t >= 0
+        with torch.no_grad():
+            logits = continuation_logits_ref(hf_model, prompt_ids + parent.response_ids[:t])
+        logits[PLACEHOLDER] = float("-inf")
+        top = torch.log_softmax(logits, -1).topk(20)
+        row = dict(zip(top.indices.tolist(), top.values.tolist()))
+        siblings = [outputs[M + i * K + k] for k in range(K)]
+        firsts = [b.response_ids[t] for b in siblings]
+        assert len(set(firsts)) == K and set(firsts) <= set(row), (firsts, sorted(row))
+        remaining = sum(math.exp(v) for v in row.values())
+        for b, token in zip(siblings, firsts):
+            assert b.extra_fields["iib_first_token_forced"] is True
+            assert b.response_logprobs[t] == pytest.approx(row[token] - math.log(remaining), abs=2e-4)
+            remaining -= math.exp(row[token])
+            assert b.response_ids[:t] == parent.response_ids[:t]
+            if len(b.response_ids) > t + 1:
+                ref = _reference_logprobs(hf_model, prompt_ids + b.response_ids[: t + 1], b.response_ids[t + 1 :], None)
+                np.testing.assert_allclose(b.response_logprobs[t + 1 :], ref.numpy(), atol=2e-4)
+
+
+def continuation_logits_ref(model, context_ids):
+    """Next-token logits [V] after ``context_ids`` (transformers forward, no latent)."""
+    return model(torch.tensor([context_ids])).logits[0, -1].float().clone()
 
 
 @pytest.mark.timeout(900)
