@@ -6,8 +6,8 @@ the vLLM worker during weight sync shows up as a hang, not an error (VERL_CPU_TR
 
 What a run writes under ``out_dir``: ``metrics.jsonl`` (verl's FileLogger: one line per step with
 every logged metric), ``weight_probe.jsonl`` (``verl_patches.weight_sync_probe``: a fingerprint of
-the vLLM worker's weights after each sync), ``ckpt/`` (verl checkpoints, the recipe's
-``iib_lpo_step_inputs.jsonl``), and ``train.log`` (all output of the run).
+the vLLM worker's weights after each sync), ``ckpt/`` (verl checkpoints with the recipe's
+``iib_lpo_state.json``), and ``train.log`` (all output of the run).
 """
 
 from __future__ import annotations
@@ -62,10 +62,6 @@ class CpuRun:
         if not path.exists():
             return []
         return [json.loads(line)["sha256"] for line in path.read_text().splitlines() if line.strip()]
-
-    def step_inputs(self) -> list[dict]:
-        path = self.out_dir / "ckpt" / "iib_lpo_step_inputs.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 @dataclass

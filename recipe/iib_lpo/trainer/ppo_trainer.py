@@ -11,9 +11,14 @@ launched through the same entry point) it behaves exactly like ``PPOTrainerSync`
   ``response_mask`` AND ``loss_mask`` (the engine's token-mean denominator is
   ``loss_mask.sum()``), so they add nothing to the loss.
 - ``on_init_end``: installs ``trainer.loss.iib_lpo_ppo_loss`` when ``iib_lpo.loss_terms.lambda_reg > 0``.
-- ``_save_checkpoint`` / ``_load_checkpoint``: the recipe's state (``recipe_state``) is saved
-  beside verl's and checked on resume, so step k+1 after a resume gets the same alpha/probability
-  schedule and seeds as without the interruption.
+- ``_save_checkpoint`` / ``_load_checkpoint``: verl's, honouring ``trainer.resume_mode``
+  (disable / auto: the folder ``latest_checkpointed_iteration.txt`` names / resume_path:
+  ``trainer.resume_from_path``). The recipe's state (``recipe_state``: every setting that changes
+  what a step does) is written into the step folder BEFORE verl's files, whose tracker file verl
+  writes last, so a save cut off midway leaves the tracker on the previous complete checkpoint;
+  on resume the folder must hold the actor, the dataloader state and the recipe state (else a
+  refusal naming what is missing), and a setting that differs refuses with the field named, so
+  step k+1 after a resume is the step an uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -46,21 +51,75 @@ from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics, importance
 logger = logging.getLogger(__name__)
 
 RECIPE_STATE_FILE = "iib_lpo_state.json"
-STEP_INPUTS_FILE = "iib_lpo_step_inputs.jsonl"
+# what a resumable step folder must hold besides the recipe state (verl writes them)
+CHECKPOINT_PARTS = ("actor", "data.pt")
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 def recipe_state(config: Any, global_steps: int) -> dict:
-    """What the rollout's schedule and seeds depend on besides the step (saved with checkpoints)."""
+    """Every recipe setting that changes what a step does, besides the step itself (saved with each
+    checkpoint and compared on resume, key by key): the group layout (M, K, rounds), the fork rule,
+    the entropy's k, the latent (mode, schedule, its horizon), the IB settings, the advantage and
+    loss terms, and the seeds (rollout seed, ``iib_lpo.agent_loop.sampling_seed``)."""
     iib = config.iib_lpo
+    latent = iib.latent
     return {
         "global_steps": int(global_steps),
-        "latent_total_steps": iib.latent.get("total_steps"),
+        "latent_mode": str(latent.get("mode")),
+        "latent_schedule": _plain(latent.get("schedule")),
+        "latent_total_steps": latent.get("total_steps"),
         "rollout_seed": int(config.actor_rollout_ref.rollout.get("seed", 0)),
         "sampling_seed": iib.agent_loop.get("sampling_seed"),
         "num_initial_rollouts": int(iib.num_initial_rollouts),
         "num_branches": int(iib.num_branches),
         "rounds": int(iib.ib.rounds),
+        "branching": _plain(iib.get("branching")),
+        "entropy_top_k": int(iib.entropy.top_k),
+        "ib": _plain(iib.ib),
+        "advantage": _plain(iib.get("advantage")),
+        "loss_terms": _plain(iib.get("loss_terms")),
     }
+
+
+def resume_folder(trainer_config: Any) -> str | None:
+    """The step folder verl 0.9.1's ``_load_checkpoint`` resumes from under ``trainer.resume_mode``
+    (None: a fresh start). Raises ValueError for a mode verl does not know (verl only logs it)."""
+    from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+    mode = trainer_config.resume_mode
+    if mode == "disable":
+        return None
+    if mode == "auto":
+        return find_latest_ckpt_path(os.path.abspath(trainer_config.default_local_dir))
+    if mode == "resume_path":
+        return os.path.abspath(str(trainer_config.resume_from_path))
+    raise ValueError(f"trainer.resume_mode={mode!r}: verl knows disable, auto and resume_path")
+
+
+def check_resume_folder(folder: str, saved_state: dict | None, now: dict) -> None:
+    """Refuse a step folder that is incomplete or was written under other settings (ValueError naming
+    the missing parts or each differing field with its saved and current value)."""
+    missing = [part for part in CHECKPOINT_PARTS if not os.path.exists(os.path.join(folder, part))]
+    if saved_state is None:
+        missing.append(RECIPE_STATE_FILE)
+    if missing:
+        raise ValueError(
+            f"resuming from {folder}: the checkpoint is incomplete (missing {missing}); it was cut off while "
+            "saving or not written by this recipe's trainer. Resume from the previous global_step_* folder "
+            "(trainer.resume_mode=resume_path trainer.resume_from_path=...) or start fresh"
+        )
+    changed = {k: {"saved": saved_state.get(k), "now": v} for k, v in now.items() if saved_state.get(k) != v}
+    if changed:
+        fields = ", ".join(f"{k} (saved {d['saved']!r}, now {d['now']!r})" for k, d in changed.items())
+        raise ValueError(
+            f"resuming from {folder}: these settings differ from the checkpoint's: {fields}. The resumed "
+            "steps would not continue the run; restore them (or start a new run in a new trainer.default_local_dir)"
+        )
 
 
 _row_kind = row_kind  # kind of a row from the agent loop's extra_fields (ib_step.row_kind)
@@ -86,36 +145,31 @@ class IibLpoTrainer(PPOTrainerSync):
             self.actor_rollout_wg.set_loss_fn(partial(iib_lpo_ppo_loss, actor_config, lambda_reg=lambda_reg))
 
     def _save_checkpoint(self):
+        if self._iib_enabled():
+            # first: verl writes its tracker file last, so a cut-off save is never resumed from
+            folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, RECIPE_STATE_FILE + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(recipe_state(self.config, self.global_steps), f, indent=1)
+            os.replace(tmp, os.path.join(folder, RECIPE_STATE_FILE))
         super()._save_checkpoint()
-        if not self._iib_enabled():
-            return
-        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        with open(os.path.join(folder, RECIPE_STATE_FILE), "w") as f:
-            json.dump(recipe_state(self.config, self.global_steps), f, indent=1)
 
     def _load_checkpoint(self):
+        folder = resume_folder(self.config.trainer) if self._iib_enabled() else None
+        if folder is not None:  # checked before verl loads anything from it
+            path = os.path.join(folder, RECIPE_STATE_FILE)
+            saved = None
+            if os.path.exists(path):
+                with open(path) as f:
+                    saved = json.load(f)
+            step = int(folder.rstrip("/").split("global_step_")[-1])
+            now = recipe_state(self.config, step)
+            if saved is not None and saved.get("latent_total_steps") is not None and now["latent_total_steps"] is None:
+                self.config.iib_lpo.latent.total_steps = saved["latent_total_steps"]
+                now["latent_total_steps"] = saved["latent_total_steps"]
+            check_resume_folder(folder, saved, now)
         super()._load_checkpoint()
-        if not self._iib_enabled() or self.global_steps == 0:
-            return
-        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        path = os.path.join(folder, RECIPE_STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"resuming I2B-LPO from {folder}, which has no {RECIPE_STATE_FILE}: it was not written by this "
-                "recipe's trainer, so the latent schedule and seeds cannot be restored"
-            )
-        with open(path) as f:
-            saved = json.load(f)
-        now = recipe_state(self.config, self.global_steps)
-        if saved.get("latent_total_steps") is not None and now["latent_total_steps"] is None:
-            self.config.iib_lpo.latent.total_steps = saved["latent_total_steps"]
-            now["latent_total_steps"] = saved["latent_total_steps"]
-        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-        if changed:
-            raise ValueError(
-                f"resuming from {folder}: the recipe state differs from the checkpoint's (saved, now): {changed}. "
-                "The latent schedule and seeds would not continue the run; restore these settings."
-            )
 
     # -- the I2B-LPO step ---------------------------------------------------------------------
 
@@ -207,7 +261,6 @@ class IibLpoTrainer(PPOTrainerSync):
         )
         metrics["iib_lpo/text_stats_from_rollout"] = 1.0 - len(missing) / len(roles)
         metrics["timing_s/iib_lpo_ib_filter_adv"] = time.perf_counter() - start
-        self._write_step_inputs(rows, roles)
         return batch
 
     # -- helpers ------------------------------------------------------------------------------
@@ -262,22 +315,3 @@ class IibLpoTrainer(PPOTrainerSync):
         )
         return importance_sampling_metrics(roles, extra_fields, data.batch["old_log_probs"],
                                            data.batch["rollout_log_probs"], data.batch["response_mask"], threshold)
-
-    def _write_step_inputs(self, rows: dict, roles: list[RowRole]) -> None:
-        """One JSON line per step: the prompts, their seed keys and the latent schedule at this step.
-
-        ``latent_prob`` lists the probabilities the forked branches were given; resamples of parents
-        too short to fork carry 0.0 whatever the schedule, and whether a parent is too short depends
-        on what was sampled, so they are left out.
-        """
-        from recipe.iib_lpo.rollout.seeds import prompt_seed_key
-
-        keys = sorted({prompt_seed_key({"uid": u, "data_source": d, "extra_info": x})
-                       for u, d, x in zip(rows["uid"], rows["data_source"], rows["extra_info"], strict=True)})
-        probs = sorted({float(e.get("iib_latent_prob", float("nan"))) for e in rows["extra_fields"]
-                        if e.get("iib_role") == "branch" and not e.get("iib_is_resample")})
-        record = {"global_steps": int(self.global_steps), "prompt_keys": keys, "latent_prob": probs,
-                  "state": recipe_state(self.config, self.global_steps)}
-        os.makedirs(self.config.trainer.default_local_dir, exist_ok=True)
-        with open(os.path.join(self.config.trainer.default_local_dir, STEP_INPUTS_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
