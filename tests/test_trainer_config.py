@@ -72,7 +72,6 @@ def test_composes_with_recipe_selections_and_derives_server_knobs(tiny_qwen2_dir
         (["actor_rollout_ref.rollout.n=6"], r"rollout.n=6 .* = 8 sessions per prompt: set rollout.n=8"),
         (["actor_rollout_ref.rollout.name=vllm"], r"rollout.name='vllm': I2B-LPO needs 'iib_lpo_vllm'"),
         (["actor_rollout_ref.rollout.calculate_log_probs=false"], r"calculate_log_probs=False"),
-        (["iib_lpo.ib.estimator=answer_likelihood"], r"answer_likelihood.* not supported in training"),
         (["iib_lpo.ib.estimator=nope"], r"estimator='nope' is unknown"),
         (["iib_lpo.advantage.lambda_ib=-1"], r"iib_lpo.advantage: .*lambda_ib"),
         (["iib_lpo.loss_terms.lambda_reg=0.005"], r"calculate_entropy=True"),
@@ -94,6 +93,72 @@ def test_bad_configs_fail_at_start_up_naming_the_key(tiny_qwen2_dir, cvae_ckpt, 
     config = _compose(_good(tiny_qwen2_dir, cvae_ckpt[0]) + overrides)
     with pytest.raises(RecipeConfigError, match=message):
         prepare_config(config)
+
+
+# Every configuration the trainer or the rollout cannot run, and the key its refusal must name. Each
+# is refused by the start-up check (main.prepare_config, DRY_RUN=1 too), not at step N by a worker.
+REFUSED = [
+    (["algorithm.use_kl_in_reward=True"], ["algorithm.use_kl_in_reward", "Set algorithm.use_kl_in_reward=False"]),
+    (["+iib_lpo.entropy.source=logits"], ["iib_lpo.entropy.source='logits'", "only 'topk'"]),
+    (["iib_lpo.entropy.top_k=0"], ["iib_lpo.entropy", "top_k"]),
+    (["iib_lpo.ib.estimator=answer_likelihood"], ["iib_lpo.ib.estimator='answer_likelihood' is unknown"]),
+    (["trainer.v1.trainer_mode=colocate_async"], ["trainer.v1.trainer_mode='colocate_async'",
+                                                  "set trainer.v1.trainer_mode=sync"]),
+    (["trainer.use_v1=false"], ["trainer.use_v1=False", "set trainer.use_v1=True"]),
+    (["actor_rollout_ref.rollout.n=6"], ["actor_rollout_ref.rollout.n=6", "set rollout.n=8"]),
+    # rounds: what the rollout's parser refuses (rollout/config.py) is refused here first
+    (["iib_lpo.ib.rounds=2", "actor_rollout_ref.rollout.n=14", "iib_lpo.ib.estimator=ibro"],
+     ["iib_lpo.ib.rounds=2 with iib_lpo.ib.estimator='ibro'"]),
+    (["iib_lpo.ib.rounds=2", "actor_rollout_ref.rollout.n=14", "iib_lpo.ib.top_n=0"],
+     ["iib_lpo.ib.rounds=2 with iib_lpo.ib.top_n=0"]),
+    (["iib_lpo.ib.rounds=2", "iib_lpo.num_branches=0", "actor_rollout_ref.rollout.n=2"],
+     ["iib_lpo.ib.rounds=2 with iib_lpo.num_branches=0"]),
+    (["iib_lpo.ib.rounds=0"], ["iib_lpo.ib: IBConfig.rounds"]),
+    # latent: the parser's checks
+    (["iib_lpo.latent.mode=always"], ["iib_lpo.latent.mode must be one of"]),
+    (["iib_lpo.latent.placeholder_token_id=null"], ["iib_lpo.latent.placeholder_token_id"]),
+    (["+iib_lpo.latent.alpha=1.0"], ["in iib_lpo.latent", "'alpha'"]),
+    (["+iib_lpo.latent.service.gpus=1"], ["iib_lpo.latent.service", "'gpus'"]),
+    (["iib_lpo.latent.schedule.kind=step"], ["iib_lpo.latent.schedule"]),
+    (["iib_lpo.latent.schedule.scale=0"], ["iib_lpo.latent.schedule", "scale"]),
+    (["+iib_lpo.agent_loop.sampling_sed=1"], ["in iib_lpo.agent_loop", "'sampling_sed'"]),
+    (["iib_lpo.agent_loop.parent_wait_timeout_s=0"], ["iib_lpo.agent_loop.parent_wait_timeout_s"]),
+    (["iib_lpo.branching.rho=0"], ["iib_lpo.branching", "rho"]),
+]
+
+
+def test_every_refused_combination_is_refused_at_start_up_naming_its_key(tiny_qwen2_dir, cvae_ckpt):
+    """Walks ``REFUSED``; the good config itself passes, so each refusal is the override's."""
+    from recipe.iib_lpo.main import prepare_config
+    from recipe.iib_lpo.rollout.config import BranchingRolloutConfig
+
+    good = _good(tiny_qwen2_dir, cvae_ckpt[0])
+    prepare_config(_compose(good))
+    unrefused, unnamed = [], []
+    for overrides, expected in REFUSED:
+        config = _compose(good + overrides)
+        try:
+            prepare_config(config, check_files=False)  # what DRY_RUN=1 runs
+        except RecipeConfigError as err:
+            missing = [text for text in expected if text not in str(err)]
+            if missing:
+                unnamed.append((overrides, missing, str(err)))
+            continue
+        unrefused.append(overrides)
+    assert unrefused == [] and unnamed == [], (unrefused, unnamed)
+    # the rollout's own parser refuses none of the good config, so nothing is left for a worker to find
+    BranchingRolloutConfig.from_trainer_config(_compose(good))
+
+
+def test_kl_in_reward_is_fine_for_the_baselines(tiny_qwen2_dir):
+    """The refusal is I2B-LPO's (r_v must stay the verifiable reward); GRPO keeps verl's KL-in-reward."""
+    from recipe.iib_lpo.main import prepare_config
+
+    prepare_config(_compose([f"actor_rollout_ref.model.path={tiny_qwen2_dir}", "algorithm.adv_estimator=grpo",
+                             "actor_rollout_ref.rollout.name=vllm", "algorithm.use_kl_in_reward=True"]))
+    with pytest.raises(RecipeConfigError, match=r"trainer.v1.trainer_mode='separate_async'"):
+        prepare_config(_compose([f"actor_rollout_ref.model.path={tiny_qwen2_dir}", "algorithm.adv_estimator=grpo",
+                                 "actor_rollout_ref.rollout.name=vllm", "trainer.v1.trainer_mode=separate_async"]))
 
 
 def test_sampling_seed_on_cpu_needs_unchunked_prefill(tiny_qwen2_dir, cvae_ckpt, monkeypatch):

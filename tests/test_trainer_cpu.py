@@ -2,13 +2,15 @@
 
 Each run is a subprocess under a hard timeout (a failed weight sync hangs rather than failing),
 and every assertion is on what the run wrote: verl's metrics JSONL, the weight fingerprints taken
-inside the vLLM worker after each sync (``verl_patches.weight_sync_probe``), the recipe's per-step
-inputs record and checkpoint state. The random tiny model never answers the demo problems, so the
+inside the vLLM worker after each sync (``verl_patches.weight_sync_probe``), verl's generation dump
+with each row's I2B-LPO step (``trainer.rollout_data_dir``: role, S_IB, keep, advantage, checked row
+by row against the method), the recipe's per-step inputs record and checkpoint state. The random tiny model never answers the demo problems, so the
 runs use ``tests/helpers/parity_reward.py`` (1 for an even number of characters): rewards vary
 within a group, advantages are non-zero, and "the weights changed" means the update did something.
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -78,23 +80,71 @@ SEEDED = ["iib_lpo.agent_loop.sampling_seed=11", "actor_rollout_ref.rollout.enab
 @pytest.fixture(scope="module")
 def iib_lpo_run(artifacts):
     spec = _spec(artifacts, "iib_lpo", "iib_lpo", steps=IIB_STEPS,
-                 overrides=["trainer.save_freq=1", *IB_REGULARISER, *SEEDED])
+                 overrides=["trainer.save_freq=1", *IB_REGULARISER, *SEEDED], dump_rollouts=True)
     return run_cpu_training(spec, timeout_s=RUN_TIMEOUT_S)
+
+
+def _z(values: list[float], eps: float = 1e-6) -> list[float]:
+    """The advantage's z-score over one prompt's kept rows, restated from METHOD.md step 7: unbiased
+    std + eps; a single member or a constant term gives 0 (recipe.iib_lpo.algorithm.advantage)."""
+    if len(values) < 2 or max(values) == min(values):
+        return [0.0] * len(values)
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return [(v - mean) / (std + eps) for v in values]
+
+
+def _step_problems(rows: list[dict], top_n: int, lambda_ib: float) -> list[str]:
+    """What in one step's rows (the trainer's dump) contradicts the method: the Top-N filter (per
+    parent, ``top_n`` highest-S_IB branches kept, initial rollouts and resamples always), the
+    advantage (z(r_v) + lambda_ib * z(S_IB) over each prompt's kept rows, 0 on dropped rows)."""
+    problems = []
+    prompts: dict[str, list[dict]] = {}
+    for row in rows:
+        prompts.setdefault(row["uid"].rsplit("_", 2)[0], []).append(row)
+    for uid, group in prompts.items():
+        if not all(r["iib_keep"] for r in group if r["iib_role"] != "branch"):
+            problems.append(f"{uid}: an initial rollout or resample was dropped")
+        for parent in {r["iib_parent_index"] for r in group}:
+            branches = [r for r in group if r["iib_role"] == "branch" and r["iib_parent_index"] == parent]
+            kept = [r["iib_ib_score"] for r in branches if r["iib_keep"]]
+            dropped = [r["iib_ib_score"] for r in branches if not r["iib_keep"]]
+            if branches and len(kept) != min(top_n, len(branches)):
+                problems.append(f"{uid}/parent {parent}: {len(kept)} of {len(branches)} branches kept, not {top_n}")
+            if kept and dropped and min(kept) < max(dropped):
+                problems.append(f"{uid}/parent {parent}: kept S_IB {kept} below dropped {dropped}")
+        kept_rows = [r for r in group if r["iib_keep"]]
+        expected = [a + lambda_ib * b for a, b in zip(_z([r["score"] for r in kept_rows]),
+                                                      _z([r["iib_ib_score"] for r in kept_rows]))]
+        for r, want in zip(kept_rows, expected):
+            if abs(r["iib_advantage"] - want) > 1e-4:
+                problems.append(f"{r['uid']}: advantage {r['iib_advantage']:.6f}, z(r_v) + lambda z(S_IB) = {want:.6f}")
+        problems += [f"{r['uid']}: dropped row with advantage {r['iib_advantage']}" for r in group
+                     if not r["iib_keep"] and r["iib_advantage"] != 0.0]
+    return problems
 
 
 def test_iib_lpo_steps_latents_filter_and_weight_sync(iib_lpo_run):
     metrics = _assert_finished(iib_lpo_run, IIB_STEPS)
     _assert_weights_changed_after_each_step(iib_lpo_run, IIB_STEPS)
+    dumped = iib_lpo_run.rollout_rows()
+    assert sorted(dumped) == list(range(1, IIB_STEPS + 1)) and all(len(rows) == 2 * 8 for rows in dumped.values())  # 2 prompts x n = 8
     for m in metrics:
+        rows = dumped[m["step"]]
         assert m["iib_lpo/latent_status/injected"] > 0  # branches continued after a latent token
         assert m["iib_lpo/fork_rate"] > 0
-        assert m["iib_lpo/keep_rate"] < 1  # the IB filter dropped branches (top_n = ceil(3/2) of 3)
-        assert m["iib_lpo/text_stats_from_rollout"] == 1.0  # the agent loop's text statistics reached the step
-        assert "iib_lpo/ib_score_dropped" in m and "iib_lpo/ib_score_kept" in m
+        # the step's Top-N (top_n = ceil(3/2) = 2 of 3 per parent) and advantage, row by row
+        problems = _step_problems(rows, top_n=2, lambda_ib=0.5)
+        # the logged means are of those rows
+        branches = [r for r in rows if r["iib_role"] == "branch"]
+        for name, kept in (("ib_score_kept", True), ("ib_score_dropped", False)):
+            scores = [r["iib_ib_score"] for r in branches if r["iib_keep"] == kept]
+            if m[f"iib_lpo/{name}"] != pytest.approx(sum(scores) / len(scores), abs=1e-5):
+                problems.append(f"iib_lpo/{name}={m[f'iib_lpo/{name}']} but the rows' mean is {sum(scores) / len(scores)}")
+        assert problems == [], f"step {m['step']}: " + "\n".join(problems)
         assert 0 < m["critic/score/mean"] < 1  # rewards vary, so advantages are non-zero
         assert m["actor/pg_loss"] != 0
         assert m["actor/ib_reg_loss"] != 0  # the recipe's loss function ran in the actor workers
-        assert m["timing_s/iib_lpo_ib_filter_adv"] > 0
         # rollout correction's off-policy metrics for branch and initial tokens apart. verl's `kl` is a sample
         # mean of log-ratios, negative when the two policies agree (-0.0016 was measured on initial tokens), and
         # even `k3_kl` = mean(exp(d) - d - 1), >= 0 in exact arithmetic, rounds to about -2e-9 in float32 when

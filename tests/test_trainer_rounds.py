@@ -5,7 +5,8 @@ The CPU run (marked slow) is ``python -m recipe.iib_lpo.main +profile=cpu`` in a
 tests/test_trainer_cpu.py, with M = 1 initial rollout x (1 + K = 2 branches x R = 2 rounds) = 5
 trajectories per prompt and the parity reward (tests/helpers/parity_reward.py: a random tiny model
 never answers the demo problems, so the math reward would be 0 everywhere). Every assertion is on
-what the run wrote: verl's metrics JSONL and the weight fingerprints after each sync.
+what the run wrote: verl's metrics JSONL, the weight fingerprints after each sync, and verl's
+generation dump with each row's step (``trainer.rollout_data_dir``), checked row by row.
 """
 
 import json
@@ -116,6 +117,7 @@ def rounds_run(tmp_path_factory, tiny_qwen2_dir):
         model_dir=Path(tiny_qwen2_dir), train_file=data_dir / "demo_train.parquet",
         val_file=data_dir / "demo_val.parquet", out_dir=root / "iib_lpo_r2", algorithm="iib_lpo", steps=2,
         num_initial=M, num_branches=K, rounds=R, cvae_checkpoint=None,  # latent.mode=none: forks + rounds, no CVAE
+        dump_rollouts=True,  # each row's step: role, round, fork source, S_IB, keep
         overrides=[f"reward.custom_reward_function.path={PARITY_REWARD}",
                    # 2 prompts x 5 rows: the CPU profile's micro batches of 8 do not divide 10
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=5",
@@ -126,6 +128,38 @@ def rounds_run(tmp_path_factory, tiny_qwen2_dir):
     if os.environ.get("IIB_LPO_KEEP_RUN_METRICS"):  # where to copy the metrics for a report
         Path(os.environ["IIB_LPO_KEEP_RUN_METRICS"]).write_text(json.dumps(run.metrics(), indent=1))
     return run
+
+
+def _round_problems(rows: list[dict]) -> list[str]:
+    """What in one step's rows (the trainer's dump, M = 1, K = 2, R = 2, top_n = ceil(K/2) = 1)
+    contradicts the rounds: per prompt, each round's forked branches keep exactly the one with the
+    highest S_IB (round 1 by the rollout's decision, round 2 by the trainer's Top-N), the initial
+    rollout and resamples are kept, and round 2 forks from round 1's kept branch."""
+    problems = []
+    prompts: dict[str, list[dict]] = {}
+    for row in rows:
+        prompts.setdefault(row["uid"].rsplit("_", 2)[0], []).append(row)
+    for uid, group in prompts.items():
+        assert len(group) == M * (1 + K * R), (uid, len(group))
+        if not all(r["iib_keep"] for r in group if r["iib_role"] != "branch"):
+            problems.append(f"{uid}: an initial rollout or resample was dropped")
+        for rnd in (1, 2):
+            branches = sorted((r for r in group if r["iib_role"] == "branch" and r["iib_round"] == rnd),
+                              key=lambda r: r["iib_session_id"])
+            if not branches:
+                continue  # this round's sessions are resamples (a fork source too short)
+            best = max(branches, key=lambda r: (r["iib_ib_score"], -r["iib_session_id"]))
+            kept = [r["iib_session_id"] for r in branches if r["iib_keep"]]
+            if kept != [best["iib_session_id"]]:
+                problems.append(f"{uid} round {rnd}: kept sessions {kept}, highest S_IB is {best['iib_session_id']} "
+                                f"(scores {[r['iib_ib_score'] for r in branches]})")
+            if rnd == 2:
+                survivor = [r["iib_session_id"] for r in group if r["iib_round"] == 1 and r["iib_keep"]
+                            and r["iib_role"] == "branch"]
+                sources = {r["iib_fork_source"] for r in branches}
+                if sources != set(survivor) or len(survivor) != 1:
+                    problems.append(f"{uid}: round 2 forked from sessions {sources}, round 1 kept {survivor}")
+    return problems
 
 
 @pytest.mark.slow
@@ -139,10 +173,17 @@ def test_two_rounds_train_two_steps_on_cpu(rounds_run):
     assert [m["step"] for m in metrics] == [1, 2]
     prints = run.weight_fingerprints()
     assert len(prints) == 3 and all(a != b for a, b in zip(prints, prints[1:])), prints
+    dumped = run.rollout_rows()
+    assert sorted(dumped) == [1, 2]
     for m in metrics:
         assert m["actor/pg_loss"] != 0 and 0 < m["critic/score/mean"] < 1
-        for r in (0, 1, 2):
-            assert 0 <= m[f"iib_lpo/round{r}/acc"] <= 1
+        rows = dumped[m["step"]]
+        problems = _round_problems(rows)
+        for r in (0, 1, 2):  # the logged accuracy of each round is the mean r_v of that round's rows
+            scores = [row["score"] for row in rows if row["iib_round"] == r]
+            if m[f"iib_lpo/round{r}/acc"] != pytest.approx(sum(scores) / len(scores)):
+                problems.append(f"iib_lpo/round{r}/acc={m[f'iib_lpo/round{r}/acc']}, rows' mean {sum(scores) / len(scores)}")
+        assert problems == [], f"step {m['step']}: " + "\n".join(problems)
         assert m["iib_lpo/round1/fork_rate"] + m.get("iib_lpo/round1/fork_reason/too_short", 0) == pytest.approx(1)
         if m["iib_lpo/round1/fork_rate"] > 0:
             # the rollout ranked round 1 (top_n = ceil(2/2) = 1 of 2), verl's reward and the trainer's Top-N agree

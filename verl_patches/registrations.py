@@ -15,12 +15,10 @@ def register_all() -> None:
     from verl_patches import cpu_platform
 
     cpu_platform.activate()  # VERL_PLATFORM=cpu only; must precede verl's first get_platform()
-    from verl.trainer.ppo.core_algos import register_adv_est
-
-    from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, compute_iib_lpo_advantage_verl
     from verl_patches.rollout_server import register_rollout_server  # rollout.name=iib_lpo_vllm
 
-    register_adv_est(ADV_ESTIMATOR_NAME)(compute_iib_lpo_advantage_verl)  # algorithm.adv_estimator=iib_lpo
+    # algorithm.adv_estimator=iib_lpo is not a verl advantage estimator: the recipe trainer's
+    # _compute_advantage runs the step (recipe/iib_lpo/algorithm/advantage.py says why)
     register_rollout_server()
     _REGISTERED = True
 

@@ -3,7 +3,9 @@
 verl's ``main_ppo`` flow (Ray init -> a TaskRunner actor -> trainer.init -> agent-loop manager ->
 fit) with two recipe changes: the trainer class is ``recipe.iib_lpo.trainer.ppo_trainer.IibLpoTrainer``
 (``PPOTrainerSync`` + the I2B-LPO step; with a non-``iib_lpo`` estimator it is verl's), and the
-recipe's start-up check runs before anything starts. The GRPO / DAPO baselines use this same entry
+recipe's start-up check runs before anything starts. The task runner subclasses verl's
+``TaskRunnerV1`` (``_IibLpoTaskRunner``). It always runs verl's V1 synchronous trainer, so
+``trainer.use_v1`` / ``trainer.v1.trainer_mode`` other than true / sync are refused at start-up. The GRPO / DAPO baselines use this same entry
 point with only algorithm keys changed.
 
 ``DRY_RUN=1``: compose the config, run the start-up check, print the resolved config as YAML and
@@ -47,14 +49,27 @@ def prepare_config(config, check_files: bool = True) -> None:
     check_iib_lpo_config(config, check_files=check_files)
 
 
-@ray.remote(num_cpus=1)
-class IibLpoTaskRunner:
-    """verl's ``TaskRunnerV1.run`` with the recipe trainer (``TaskRunnerV1`` is a Ray actor class and
-    cannot be subclassed)."""
+def _task_runner_base():
+    """verl 0.9.1's ``TaskRunnerV1`` as a plain class: ``ray.remote`` keeps the decorated class as the
+    ActorClass's ``__ray_actor_class__``, which can be subclassed (the ActorClass itself cannot)."""
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    return TaskRunnerV1.__ray_actor_class__
+
+
+class _IibLpoTaskRunner(_task_runner_base()):
+    """verl's ``TaskRunnerV1`` with two changes: the trainer is ``IibLpoTrainer``, and the latent
+    schedule's horizon is filled in before the agent-loop manager starts.
+
+    ``run`` is verl's with one line changed: verl picks the trainer inside ``run``
+    (``get_trainer_cls(trainer.v1.trainer_mode)``), and registering ``IibLpoTrainer`` under another
+    mode name would give it async replay semantics (verl compares the mode with "sync"), while "sync"
+    is taken by ``PPOTrainerSync``. So ``run`` is restated; the manager construction
+    (``init_agent_loop_manager``, honouring ``rollout.agent.agent_loop_manager_class``) is verl's.
+    """
 
     def run(self, config) -> None:
         import transfer_queue as tq
-        from verl.utils.import_utils import load_class_from_fqn
         from verl.utils.logging_utils import configure_verl_logging
 
         from recipe.iib_lpo.trainer.ppo_trainer import IibLpoTrainer
@@ -62,35 +77,32 @@ class IibLpoTaskRunner:
         configure_verl_logging()
         config.transfer_queue.enable = True
         OmegaConf.resolve(config)
+        self.config = config
         tq.init(config.transfer_queue)
-        trainer, succeeded = None, False
+        succeeded = False
         try:
-            trainer = IibLpoTrainer(config=config)
-            trainer.init()
-            # The latent schedule's horizon defaults to the trainer's computed step count, which
-            # verl never writes back into the config the agent-loop workers receive.
-            if config.iib_lpo.latent.get("total_steps") is None:
-                config.iib_lpo.latent.total_steps = int(trainer.total_training_steps)
-            manager_fqn = config.actor_rollout_ref.rollout.agent.get("agent_loop_manager_class")
-            if manager_fqn:
-                manager_cls = load_class_from_fqn(manager_fqn, "AgentLoopManager")
-            else:
-                from verl.trainer.ppo.v1 import AgentLoopManagerTQ as manager_cls
-            manager = manager_cls.create(
-                config=config,
-                llm_client=trainer.get_llm_client(),
-                teacher_client=trainer.get_teacher_client(),
-                reward_loop_worker_handles=trainer.get_reward_handles(),
-            )
-            trainer.fit(manager)
+            self.trainer = IibLpoTrainer(config=config)  # verl: get_trainer_cls(config.trainer.v1.trainer_mode)
+            self.trainer.init()
+            self.init_agent_loop_manager()
+            self.trainer.fit(self.agent_loop_manager)
             succeeded = True
         finally:
-            tracking = getattr(trainer, "logger", None)
+            tracking = getattr(self.trainer, "logger", None)
             try:
                 if tracking is not None:
                     tracking.finish(exit_code=0 if succeeded else 1)
             finally:
                 tq.close()
+
+    def init_agent_loop_manager(self) -> None:
+        # The latent schedule's horizon defaults to the trainer's computed step count, which verl
+        # never writes back into the config the agent-loop workers receive.
+        if self.config.iib_lpo.latent.get("total_steps") is None:
+            self.config.iib_lpo.latent.total_steps = int(self.trainer.total_training_steps)
+        super().init_agent_loop_manager()
+
+
+IibLpoTaskRunner = ray.remote(num_cpus=1)(_IibLpoTaskRunner)
 
 
 @hydra.main(config_path="config", config_name="iib_lpo_trainer", version_base=None)

@@ -1,5 +1,4 @@
-"""I2B-LPO advantage (METHOD.md step 7); ``compute_iib_lpo_advantage_verl`` is registered as verl's
-``adv_estimator=iib_lpo`` by ``verl_patches.registrations`` (this module imports no verl).
+"""I2B-LPO advantage (METHOD.md step 7), pure (this module imports no verl).
 
 A(r) = z(r_v) + lambda_ib * z(S_IB), with the z-scores taken over the KEPT members of each
 prompt group (originals + surviving branches of all rounds):
@@ -18,18 +17,13 @@ Deliberate differences from verl's GRPO:
   advantage alone still lets their tokens count in the token-mean denominator and dilute the
   gradient, so the trainer must also zero their ``response_mask`` (``kept_loss_mask``).
 
-What reaches a registered estimator in verl 0.9.1 (read from ``ray_trainer.compute_advantage``
-and ``trainer/ppo/v1/utils.compute_advantage_for_multi_trajectories``): only
-``token_level_rewards``, ``response_mask``, ``config`` (= ``algorithm`` config), ``index``
-(= uid) and, if present, ``reward_baselines``. IB scores and the keep mask cannot arrive
-through the stock trainer, and V1's ``_compute_advantage`` fetches a fixed field list from
-TransferQueue. So the recipe trainer must override ``_compute_advantage``: fetch ``ib_score``
-and ``ib_keep`` (or whatever the agent loop stores) with the other fields, call
-``compute_iib_lpo_advantage_verl(..., ib_scores=..., keep_mask=..., lambda_ib=...)`` (or the
-pure ``compute_iib_lpo_advantage``) and write back ``advantages``, ``returns`` and the
-``response_mask`` multiplied by the keep mask. Called by the stock trainer (no IB kwargs), the
-registered function raises unless ``lambda_ib=0`` is passed explicitly, in which case it is
-the GRPO z(r_v) with all rows kept -- never a silently wrong number.
+Why this is not a verl advantage estimator (``register_adv_est``): in verl 0.9.1 a registered
+estimator receives only ``token_level_rewards``, ``response_mask``, ``config``, ``index`` (uid)
+and ``reward_baselines`` (``ray_trainer.compute_advantage``), and verl calls it only from
+``PPOTrainer._compute_advantage``, which the recipe trainer replaces for ``adv_estimator=iib_lpo``
+(it needs the IB scores and the Top-N keep mask, which need per-row ``extra_fields``). So nothing
+is registered; ``algorithm.adv_estimator=iib_lpo`` selects the recipe trainer's step
+(``recipe.iib_lpo.trainer.ppo_trainer``), and verl's stock trainer cannot run it.
 """
 
 from __future__ import annotations
@@ -37,7 +31,6 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +38,6 @@ import torch
 __all__ = [
     "AdvantageConfig",
     "compute_iib_lpo_advantage",
-    "compute_iib_lpo_advantage_verl",
     "kept_loss_mask",
     "group_zscore",
     "ADV_ESTIMATOR_NAME",
@@ -187,53 +179,3 @@ def kept_loss_mask(response_mask: torch.Tensor, keep_mask: torch.Tensor) -> torc
             f"keep_mask must be a bool [B]={response_mask.shape[0]} tensor, got {keep_t.dtype} {tuple(keep_t.shape)}"
         )
     return response_mask * keep_t.unsqueeze(-1).to(response_mask.dtype)
-
-
-def compute_iib_lpo_advantage_verl(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: np.ndarray | Sequence[Hashable] | None = None,
-    config: Any = None,
-    epsilon: float = 1e-6,
-    *,
-    ib_scores: torch.Tensor | None = None,
-    keep_mask: torch.Tensor | None = None,
-    lambda_ib: float | None = None,
-    **unused: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The function registered as verl advantage estimator ``iib_lpo``.
-
-    verl passes ``token_level_rewards`` (r_v = its sum over tokens, as in GRPO), ``response_mask``,
-    ``index`` (uid groups) and ``config``; the recipe trainer adds ``ib_scores``, ``keep_mask``
-    and ``lambda_ib`` (see module docstring). Extra verl kwargs (e.g. ``reward_baselines``) are
-    ignored.
-
-    Without ``ib_scores``: ``lambda_ib`` must be passed and be 0 (then this is GRPO-style z(r_v)
-    over ``keep_mask`` or all rows), otherwise ValueError -- the stock trainer cannot supply IB
-    scores and a silent GRPO fallback would mislabel the run.
-    """
-    if index is None:
-        raise ValueError("iib_lpo advantage needs index (the prompt uid of each row) to form groups")
-    if ib_scores is None:
-        if lambda_ib is None or lambda_ib != 0:
-            raise ValueError(
-                "iib_lpo advantage was called without ib_scores (verl's stock compute_advantage only passes "
-                "token_level_rewards/response_mask/index/config). Use the I2B-LPO trainer, whose "
-                "_compute_advantage passes ib_scores=, keep_mask= and lambda_ib=, or pass lambda_ib=0 "
-                "explicitly for the GRPO reduction."
-            )
-        ib_scores = torch.zeros(token_level_rewards.shape[0])
-    if lambda_ib is None:
-        raise ValueError("iib_lpo advantage needs lambda_ib= (the recipe's iib_lpo.advantage.lambda_ib)")
-    if keep_mask is None:
-        keep_mask = torch.ones(token_level_rewards.shape[0], dtype=torch.bool)
-    verifiable_rewards = token_level_rewards.sum(dim=-1)
-    return compute_iib_lpo_advantage(
-        verifiable_rewards=verifiable_rewards,
-        ib_scores=ib_scores,
-        group_ids=index,
-        keep_mask=keep_mask,
-        response_mask=response_mask,
-        lambda_ib=lambda_ib,
-        eps=epsilon,
-    )

@@ -39,13 +39,15 @@ ENTROPY_SOURCES = ("logits", "topk")
 
 @dataclass(frozen=True)
 class EntropyConfig:
-    """Where the rollout's per-token entropies H_t come from (METHOD.md step 1; mirrored in YAML).
+    """Where per-token entropies H_t come from (METHOD.md step 1).
 
     Attributes:
-        source: "logits" (default): exact ``entropy_from_logits`` on the full logits row (needs
-            an engine hook that sees logits, or a policy forward pass over the response);
-            "topk": ``estimate_entropy_from_topk`` on the rollout engine's top-k log-probs
-            (cheap; error measured in that function's docstring).
+        source: "logits" (default): exact ``entropy_from_logits`` on the full logits row (for a
+            caller that holds the logits: tests, offline analysis); "topk":
+            ``estimate_entropy_from_topk`` on an engine's top-k log-probs (cheap; error measured
+            in that function's docstring). The branching rollout always uses "topk" (vLLM does not
+            return full logits): recipe/iib_lpo/config/iib_lpo.yaml offers only ``top_k``, and an
+            ``iib_lpo.entropy.source`` other than "topk" is refused at start-up.
         top_k: k for source="topk". Default 20, the smallest k METHOD.md accepts and vLLM's
             default ``max_logprobs`` cap.
     """

@@ -7,9 +7,18 @@ pluggable (``IBConfig.estimator``) and each returns a bounded float; the bounds 
 estimator and checked in tests/test_core_ib.py.
 
 Registry: ``@register_ib_estimator("name", bounds=..., needs_token_advantages=...,
-rounds_unsupported=..., training_unsupported=...)`` on a function ``fn(traj: IBInputs, config: IBConfig) -> float``
+rounds_unsupported=...)`` on a function ``fn(traj: IBInputs, config: IBConfig) -> float``
 (``IBEstimatorSpec``: a new estimator is this one registration); ``get_ib_estimator(name)``;
-``score_trajectories(list, config)``.
+``score_trajectories(list, config)``. Registered: ``ngram`` (default), ``entropy``, ``ibro``; every
+registered estimator is one the trainer can score with (its inputs are what the rollout and the
+trainer supply).
+
+Token-level estimators (``entropy``, ``ibro``) average over the trajectory's OWN tokens: for a
+branch, the continuation it generated after its inherited prefix (``own_tokens``), never the
+prefix it shares with its fork source. The prefix was sampled by the ancestor; averaging over it
+would pull every sibling's score towards the parent's and let a long shared prefix outweigh the
+continuation the Top-N filter is choosing between. The rollout (ranked rounds) and the trainer
+both build the token vectors with ``own_tokens``, so they compute the same S_IB for the same row.
 
 Tokenisation for the text statistics (decision): lower-cased words and single punctuation
 marks, ``re.findall(r"\\w+|[^\\w\\s]", text.lower())`` -- cheap, model-independent, and
@@ -20,7 +29,8 @@ deterministic; "3.14" becomes ["3", ".", "14"], LaTeX "\\frac{1}{2}" becomes
 Where the text statistics are computed (decision): rep4, echo and filler (:class:`TextStats`) depend
 on the trajectory alone, so the agent loop computes them as each trajectory finishes and stores them
 in ``extra_fields``; the trainer's step only weighs them (BENCHMARKS.md: 0.85 s -> 0.05 s for 256 x
-4000-token rows). Rows without them are decoded and computed in the step, with the same function.
+4000-token rows) and refuses a row without them. ``IBInputs.text_stats=None`` (tests, direct
+callers) computes them from ``IBInputs.response``.
 
 Filler (decision, :func:`filler_fraction`): the share of the response's words that lie in
 sentences carrying no mathematical content of their own. Repetition, echo and length cannot tell
@@ -62,6 +72,8 @@ __all__ = [
     "topn_keep_mask",
     "resolve_top_n",
     "best_branch_per_fork_source",
+    "own_tokens",
+    "trajectory_ib_inputs",
 ]
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -89,7 +101,7 @@ class IBConfig:
 
     Attributes:
         estimator: registered estimator name; "ngram" (default, text statistics, no extra
-            model calls), "entropy", "ibro", "answer_likelihood".
+            model calls), "entropy", "ibro".
         beta: weight of I_hat(r; a). Default 1.0, chosen >= w_rep + w_echo + w_len + w_fill
             (= 1.0; the penalty is strictly below the sum because rep4 < 1) so that with
             I_hat(r; a) = r_v in {0, 1} every correct trajectory outranks every wrong one: the
@@ -185,14 +197,15 @@ class IBInputs:
 
     Attributes:
         question: raw problem text (``extra_info.question``).
-        response: decoded response text (for a branch: parent prefix + continuation).
+        response: decoded response text (for a branch: parent prefix + continuation); read only
+            when ``text_stats`` is None.
         reward: verifiable reward r_v in [0, 1].
         num_tokens: response length in policy tokens.
         max_tokens: the rollout's response-length budget (> 0).
-        token_entropies: ``[T]`` per-token entropies ("entropy", "ibro").
-        token_advantages: ``[T]`` (or scalar broadcast) advantages ("ibro").
-        answer_logprob: sum of the policy's log-probs of the gold answer tokens after the
-            reasoning ("answer_likelihood"), with ``answer_num_tokens`` tokens.
+        token_entropies: per-token entropies of the trajectory's OWN tokens ("entropy", "ibro"):
+            for a branch only its continuation, ``own_tokens(entropies, prefix_length, num_tokens)``.
+        token_advantages: advantages over the same tokens as ``token_entropies`` (or a scalar
+            broadcast over them) ("ibro").
         text_stats: ``text_stats(question, response)`` computed earlier (the agent loop stores it
             in ``extra_fields`` as each trajectory finishes); None = computed from the text here.
     """
@@ -204,8 +217,6 @@ class IBInputs:
     max_tokens: int
     token_entropies: torch.Tensor | None = None
     token_advantages: torch.Tensor | None = None
-    answer_logprob: float | None = None
-    answer_num_tokens: int | None = None
     text_stats: TextStats | None = None
 
 
@@ -224,15 +235,12 @@ class IBEstimatorSpec:
             z(r_v) of each row, broadcast over its tokens).
         rounds_unsupported: why the rollout cannot rank a round's branches with it
             (``iib_lpo.ib.rounds`` > 1 is then refused with this reason); None when it can.
-        training_unsupported: why the trainer cannot score with it (inputs it does not
-            supply; the start-up check refuses the estimator with this reason); None when it can.
     """
 
     score: IBEstimator
     bounds: Callable[[IBConfig], tuple[float, float]] | None = None
     needs_token_advantages: bool = False
     rounds_unsupported: str | None = None
-    training_unsupported: str | None = None
 
 
 _IB_ESTIMATORS: dict[str, IBEstimatorSpec] = {}
@@ -244,7 +252,6 @@ def register_ib_estimator(
     bounds: Callable[[IBConfig], tuple[float, float]] | None = None,
     needs_token_advantages: bool = False,
     rounds_unsupported: str | None = None,
-    training_unsupported: str | None = None,
 ) -> Callable[[IBEstimator], IBEstimator]:
     """Decorator registering ``fn(traj: IBInputs, config: IBConfig) -> float`` under ``name``,
     with the properties of ``IBEstimatorSpec``.
@@ -258,8 +265,7 @@ def register_ib_estimator(
     def decorator(fn: IBEstimator) -> IBEstimator:
         if name in _IB_ESTIMATORS and _IB_ESTIMATORS[name].score is not fn:
             raise ValueError(f"IB estimator {name!r} is already registered to {_IB_ESTIMATORS[name].score!r}")
-        _IB_ESTIMATORS[name] = IBEstimatorSpec(fn, bounds, needs_token_advantages, rounds_unsupported,
-                                              training_unsupported)
+        _IB_ESTIMATORS[name] = IBEstimatorSpec(fn, bounds, needs_token_advantages, rounds_unsupported)
         return fn
 
     return decorator
@@ -421,9 +427,52 @@ def _token_vector(x: torch.Tensor | None, what: str, estimator: str) -> torch.Te
     return vec
 
 
+def own_tokens(values: torch.Tensor, prefix_length: int, num_tokens: int) -> torch.Tensor:
+    """``values[prefix_length:num_tokens]``: a trajectory's per-token values on its OWN tokens.
+
+    ``values`` is indexed in response coordinates (``[>= num_tokens]``, e.g. the actor's entropy row
+    of a padded batch, or the rollout's entropies of prefix + continuation); ``prefix_length`` is the
+    inherited prefix of a branch (0 for an initial rollout or a resample); ``num_tokens`` the
+    response length. Raises ValueError when ``0 <= prefix_length <= num_tokens <= len(values)`` fails.
+    """
+    size = int(values.shape[-1]) if values.ndim else 0
+    if not (isinstance(prefix_length, numbers.Integral) and isinstance(num_tokens, numbers.Integral)
+            and 0 <= prefix_length <= num_tokens <= size):
+        raise ValueError(f"own tokens [{prefix_length}:{num_tokens}] outside a response of {size} values "
+                         "(need 0 <= prefix_length <= num_tokens <= len(values))")
+    return values[..., int(prefix_length):int(num_tokens)]
+
+
+def trajectory_ib_inputs(
+    *,
+    question: str,
+    reward: float,
+    num_tokens: int,
+    max_tokens: int,
+    prefix_length: int,
+    text_stats: TextStats | None,
+    entropies: torch.Tensor | None = None,
+    token_advantage: torch.Tensor | float | None = None,
+) -> IBInputs:
+    """``IBInputs`` of one trajectory from what the rollout and the trainer hold, the one builder both
+    use so they score a row the same way: ``entropies`` in response coordinates (the whole response,
+    prefix included) is cut to the row's own tokens (``own_tokens(entropies, prefix_length,
+    num_tokens)``); ``token_advantage`` is the row's scalar advantage broadcast over them ("ibro");
+    the text statistics stand in for the text (``response=""``)."""
+    return IBInputs(
+        question=question, response="", reward=reward, num_tokens=num_tokens, max_tokens=max_tokens,
+        token_entropies=None if entropies is None else own_tokens(entropies, prefix_length, num_tokens),
+        token_advantages=None if token_advantage is None else torch.as_tensor(token_advantage),
+        text_stats=text_stats,
+    )
+
+
 @register_ib_estimator("entropy", bounds=lambda cfg: (-(cfg.w_ent + cfg.w_len), cfg.beta))
 def _entropy_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     """I_hat(r; a) = r_v; I_hat(q; r) = w_ent * min(1, mean_t H_t / entropy_ref) + w_len * min(1, n/L).
+
+    mean_t runs over ``token_entropies``, the trajectory's own tokens (module docstring); n is the
+    whole response length ``num_tokens`` (a branch's prefix counts towards its length).
 
     The information a response carries is bounded by its total token entropy, which factors
     into information rate (mean H) times length; each factor is saturated separately so the
@@ -446,7 +495,8 @@ def _entropy_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     "which does not exist until every session of the prompt has finished, so a round cannot be ranked by it",
 )
 def _ibro_estimator(traj: IBInputs, cfg: IBConfig) -> float:
-    """beta * tanh(mean_t(A_t * H_t) / ibro_scale): the authors' regulariser as a score.
+    """beta * tanh(mean_t(A_t * H_t) / ibro_scale): the authors' regulariser as a score, mean_t over
+    the trajectory's own tokens (module docstring).
 
     Bounds (-beta, beta). ``token_advantages`` may be a scalar (outcome advantage broadcast
     to all tokens) or ``[T]`` like ``token_entropies``; an empty response scores 0.
@@ -460,33 +510,6 @@ def _ibro_estimator(traj: IBInputs, cfg: IBConfig) -> float:
     if ent.numel() == 0:
         return 0.0
     return cfg.beta * math.tanh(float((adv * ent).mean()) / cfg.ibro_scale)
-
-
-@register_ib_estimator(
-    "answer_likelihood",
-    bounds=_text_compression_bounds,
-    rounds_unsupported="it needs the policy's log-probability of the gold answer after each response (an extra "
-    "forward pass) that neither the rollout nor the trainer runs",
-    training_unsupported="it needs the policy's log-probability of the gold answer after each response, an extra "
-    "forward pass the trainer does not run; use ngram, entropy or ibro",
-)
-def _answer_likelihood_estimator(traj: IBInputs, cfg: IBConfig) -> float:
-    """I_hat(r; a) = exp(answer_logprob / answer_num_tokens) (per-token geometric-mean
-    probability of the gold answer after the reasoning, in [0, 1]); I_hat(q; r) = the ngram
-    compression term. Bounds [-(w_rep+w_echo+w_len+w_fill), beta]. r_v is not used (it is
-    already in the advantage); the log-prob comes from one extra policy forward pass done by the
-    caller.
-    """
-    _check_common(traj.reward, traj.num_tokens, traj.max_tokens)
-    lp, n = traj.answer_logprob, traj.answer_num_tokens
-    if lp is None or n is None:
-        raise ValueError("IB estimator 'answer_likelihood' needs answer_logprob and answer_num_tokens")
-    if not (isinstance(lp, numbers.Real) and math.isfinite(lp) and lp <= 1e-6):
-        raise ValueError(f"answer_logprob must be a finite log-probability <= 0, got {lp!r}")
-    if not isinstance(n, numbers.Integral) or n <= 0:
-        raise ValueError(f"answer_num_tokens must be an int > 0, got {n!r}")
-    informativeness = math.exp(min(0.0, lp) / n)
-    return cfg.beta * informativeness - _text_compression_term(traj, cfg)
 
 
 def ib_score_bounds(config: IBConfig) -> tuple[float, float]:

@@ -56,6 +56,9 @@ class RowRole:
     ``round_index``: 0 for an initial rollout, r for a branch session of round r (None -> 0 for an
     initial rollout, 1 otherwise: the single-round layout). ``loop_keep``: the agent loop's Top-N
     decision for a branch of a round it ranked (rounds 1..R-1 when R > 1), None when it made none.
+    ``prefix_length``: the tokens a branch inherited from its fork source (``iib_prefix_length``, its
+    fork position t*); 0 for initial rollouts and resamples. The row's own tokens, which the
+    token-level IB estimators average over, are ``[prefix_length, response length)`` (``ib.own_tokens``).
     """
 
     uid: str
@@ -64,6 +67,7 @@ class RowRole:
     kind: str  # ROW_INITIAL, ROW_BRANCH (forked from parent_index's lineage) or ROW_RESAMPLE
     round_index: int | None = None
     loop_keep: bool | None = None
+    prefix_length: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in (ROW_INITIAL, ROW_BRANCH, ROW_RESAMPLE):
@@ -74,6 +78,9 @@ class RowRole:
             raise ValueError(f"row {self.uid}/{self.session_id}: kind {self.kind!r} with round {self.round_index}")
         if self.loop_keep is not None and self.kind != ROW_BRANCH:
             raise ValueError(f"row {self.uid}/{self.session_id}: a {self.kind} row carries a Top-N decision")
+        if self.prefix_length < 0 or (self.kind != ROW_BRANCH and self.prefix_length != 0):
+            raise ValueError(f"row {self.uid}/{self.session_id}: a {self.kind} row with inherited prefix length "
+                             f"{self.prefix_length} (only a branch inherits a prefix, of length >= 0)")
 
 
 def row_kind(extra: Mapping[str, Any]) -> str:
@@ -86,14 +93,18 @@ def row_kind(extra: Mapping[str, Any]) -> str:
 def row_role(uid: Any, session_id: Any, extra: Mapping[str, Any]) -> RowRole:
     """The ``RowRole`` of one batch row from its uid, session id and the agent loop's ``extra_fields``
     (``iib_round``: absent in a single-round rollout -> its default; ``iib_loop_keep``: 1/0 is the
-    rollout's decision, -1 or absent none)."""
+    rollout's decision, -1 or absent none; ``iib_prefix_length``: required on a branch row)."""
     kind = row_kind(extra)
+    if kind == ROW_BRANCH and extra.get("iib_prefix_length") is None:
+        raise ValueError(f"row {uid}/{session_id}: a branch without iib_prefix_length in its extra_fields (the "
+                         "branching agent loop writes it); its own tokens cannot be told from its inherited prefix")
     round_index = extra.get("iib_round")
     loop_keep = extra.get("iib_loop_keep", -1)
     loop_keep = None if loop_keep is None or int(loop_keep) < 0 else bool(int(loop_keep))
     return RowRole(uid=str(uid), session_id=int(session_id), parent_index=int(extra.get("iib_parent_index", -1)),
                    kind=kind, round_index=None if round_index is None else int(round_index),
-                   loop_keep=loop_keep if kind == ROW_BRANCH else None)
+                   loop_keep=loop_keep if kind == ROW_BRANCH else None,
+                   prefix_length=int(extra["iib_prefix_length"]) if kind == ROW_BRANCH else 0)
 
 
 @dataclass(frozen=True)

@@ -341,7 +341,14 @@ class BranchingAgentLoop(AgentLoopBase):
         min_steps, kwargs, metrics,
     ) -> tuple[LoopRank, float, TextStats | None]:
         """Steps 5-6 for a branch of a ranked round: entropies, r_v and S_IB, then the round's selection.
-        Returns the branch's (LoopRank, mean continuation entropy, text statistics)."""
+        Returns the branch's (LoopRank, mean continuation entropy, text statistics).
+
+        S_IB is computed as the trainer computes it for the same row (``ib.trajectory_ib_inputs``): a
+        token-level estimator sees the branch's own tokens only, after the inherited prefix of
+        ``fork_position`` tokens; the record keeps the whole response's entropies, which the next round
+        forks on."""
+        from recipe.iib_lpo.algorithm.ib import trajectory_ib_inputs
+
         cfg = self.iib
         what = f"branch {role.branch_index} of round {role.round_index} of parent {role.parent_index}"
         cont_entropies = self._entropies(out, len(continuation), what)
@@ -351,10 +358,9 @@ class BranchingAgentLoop(AgentLoopBase):
         with simple_timer("iib_round_reward", metrics):
             loop_reward = await compute_in_loop_reward(self.config, self.tokenizer, cfg.rounds, response_ids, kwargs)
         stats = self._text_stats(response_ids, kwargs)
-        loop_score = float(score_trajectories([IBInputs(
-            question=question_text(kwargs.get("extra_info")), response="", reward=loop_reward,
-            num_tokens=len(response_ids), max_tokens=int(self.response_length), token_entropies=entropies,
-            text_stats=stats,
+        loop_score = float(score_trajectories([trajectory_ib_inputs(
+            question=question_text(kwargs.get("extra_info")), reward=loop_reward, num_tokens=len(response_ids),
+            max_tokens=int(self.response_length), prefix_length=fork_position, text_stats=stats, entropies=entropies,
         )], cfg.ib)[0])
         record = BranchRecord(
             branch_index=role.branch_index, session_id=int(kwargs["session_id"]), response_ids=response_ids,

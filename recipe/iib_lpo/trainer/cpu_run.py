@@ -7,7 +7,9 @@ the vLLM worker during weight sync shows up as a hang, not an error (VERL_CPU_TR
 What a run writes under ``out_dir``: ``metrics.jsonl`` (verl's FileLogger: one line per step with
 every logged metric), ``weight_probe.jsonl`` (``verl_patches.weight_sync_probe``: a fingerprint of
 the vLLM worker's weights after each sync), ``ckpt/`` (verl checkpoints with the recipe's
-``iib_lpo_state.json``), and ``train.log`` (all output of the run).
+``iib_lpo_state.json``), ``rollouts/<step>.jsonl`` with ``CpuRunSpec.dump_rollouts`` (verl's
+generation dump, ``trainer.rollout_data_dir``, with each row's I2B-LPO step:
+``ppo_trainer.STEP_ROW_FIELDS``), and ``train.log`` (all output of the run).
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ class CpuRun:
             return []
         return [json.loads(line)["sha256"] for line in path.read_text().splitlines() if line.strip()]
 
+    def rollout_rows(self) -> dict[int, list[dict]]:
+        """Per step, the rows of verl's generation dump (``CpuRunSpec.dump_rollouts``): verl's ``input``,
+        ``output``, ``score``, ``uid`` (the batch key ``{uid}_{session}_{index}``) and, for I2B-LPO, the
+        trainer's ``STEP_ROW_FIELDS``."""
+        out = {}
+        for path in sorted((self.out_dir / "rollouts").glob("*.jsonl")):
+            out[int(path.stem)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return out
+
 
 @dataclass
 class CpuRunSpec:
@@ -80,6 +91,7 @@ class CpuRunSpec:
     cvae_checkpoint: Path | None = None  # None -> latent.mode=none
     placeholder_token_id: int | None = None
     seed: int = 0
+    dump_rollouts: bool = False  # trainer.rollout_data_dir=<out_dir>/rollouts (CpuRun.rollout_rows)
     overrides: list[str] = field(default_factory=list)
 
     def hydra_overrides(self) -> list[str]:
@@ -99,6 +111,8 @@ class CpuRunSpec:
             f"iib_lpo.num_branches={self.num_branches}",
             f"iib_lpo.ib.rounds={self.rounds}",
         ]
+        if self.dump_rollouts:
+            out.append(f"trainer.rollout_data_dir={self.out_dir / 'rollouts'}")
         if self.algorithm == "iib_lpo":
             if self.cvae_checkpoint is not None:
                 out += ["iib_lpo.latent.mode=cvae", f"iib_lpo.latent.service.checkpoint_path={self.cvae_checkpoint}",

@@ -1,15 +1,19 @@
 """verl 0.9.1's synchronous V1 trainer with the I2B-LPO step (METHOD.md steps 5-8).
 
-``IibLpoTrainer`` is ``PPOTrainerSync`` with four hooks changed; everything else (rollout,
+``IibLpoTrainer`` is ``PPOTrainerSync`` with five hooks changed; everything else (rollout,
 reward, old log-probs, rollout correction, actor update, weight sync, validation, checkpoints)
 is verl's. With ``algorithm.adv_estimator`` other than ``iib_lpo`` (the GRPO / DAPO baselines
 launched through the same entry point) it behaves exactly like ``PPOTrainerSync``.
 
-- ``_compute_advantage``: after verl's reward (and KL-in-reward / rollout correction, as the
-  base does), S_IB per trajectory, Top-N filter per fork source, the ``iib_lpo`` advantage over
-  the kept group (``ib_step.iib_lpo_step``); dropped rows get advantage 0 and zero
-  ``response_mask`` AND ``loss_mask`` (the engine's token-mean denominator is
-  ``loss_mask.sum()``), so they add nothing to the loss.
+- ``_compute_advantage``: after verl's reward (and rollout correction, as the base does; KL in
+  the reward is refused at start-up: r_v must stay the verifiable reward), S_IB per trajectory
+  (token-level estimators over each row's own tokens, ``ib.own_tokens``), Top-N filter per fork
+  source, the ``iib_lpo`` advantage over the kept group (``ib_step.iib_lpo_step``); dropped rows
+  get advantage 0 and zero ``response_mask`` AND ``loss_mask`` (the engine's token-mean
+  denominator is ``loss_mask.sum()``), so they add nothing to the loss. verl's advantage-estimator
+  registry is not used: the step needs per-row fields verl's estimator call does not pass.
+- ``_dump_generations``: with ``trainer.rollout_data_dir`` set, verl's per-step generation dump
+  also carries each row's step (``STEP_ROW_FIELDS``: role, S_IB, keep, advantage, ...).
 - ``on_init_end``: installs ``trainer.loss.iib_lpo_ppo_loss`` when ``iib_lpo.loss_terms.lambda_reg > 0``.
 - ``_save_checkpoint`` / ``_load_checkpoint``: verl's, honouring ``trainer.resume_mode``
   (disable / auto: the folder ``latest_checkpointed_iteration.txt`` names / resume_path:
@@ -34,7 +38,6 @@ import torch
 import transfer_queue as tq
 from tensordict import TensorDict
 from verl.protocol import DataProto
-from verl.trainer.ppo.ray_trainer import apply_kl_penalty
 from verl.trainer.ppo.rollout_corr_helper import (
     compute_rollout_corr_metrics_from_logprobs,
     compute_rollout_correction_and_add_to_batch,
@@ -43,8 +46,8 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig, group_zscore
-from recipe.iib_lpo.algorithm.ib import IBConfig, IBInputs, TextStats, ib_estimator_spec, question_text, text_stats
-from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, RowRole, iib_lpo_step, row_kind, row_role
+from recipe.iib_lpo.algorithm.ib import IBConfig, TextStats, ib_estimator_spec, question_text, trajectory_ib_inputs
+from recipe.iib_lpo.algorithm.ib_step import ROW_BRANCH, ROW_INITIAL, ROW_RESAMPLE, IBStepResult, RowRole, iib_lpo_step, row_role
 from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
 from recipe.iib_lpo.trainer.step_metrics import iib_lpo_step_metrics, importance_sampling_metrics, is_truncation_threshold
 
@@ -122,11 +125,35 @@ def check_resume_folder(folder: str, saved_state: dict | None, now: dict) -> Non
         )
 
 
-_row_kind = row_kind  # kind of a row from the agent loop's extra_fields (ib_step.row_kind)
+# what the trainer adds to each training row of verl's generation dump (trainer.rollout_data_dir)
+STEP_ROW_FIELDS = ("iib_role", "iib_session_id", "iib_parent_index", "iib_round", "iib_fork_source",
+                   "iib_prefix_length", "iib_reward", "iib_ib_score", "iib_keep", "iib_advantage")
+
+
+def step_rows(keys: list[str], roles: list[RowRole], extra_fields: list[dict], rewards: torch.Tensor,
+              result: IBStepResult, response_mask: torch.Tensor) -> dict[str, dict]:
+    """Per batch key, the I2B-LPO step of that row (``STEP_ROW_FIELDS``): its role (``ROW_*``),
+    session, parent, round, fork source (session id, -1 for none) and inherited prefix length, the
+    r_v and S_IB it was scored with, whether the Top-N filter kept it, and its advantage (the value
+    on every token of its response mask; 0 for a dropped row or one without response tokens)."""
+    out = {}
+    for i, key in enumerate(keys):
+        tokens = result.advantages[i][response_mask[i] > 0]
+        out[key] = {
+            "iib_role": roles[i].kind, "iib_session_id": roles[i].session_id,
+            "iib_parent_index": roles[i].parent_index, "iib_round": roles[i].round_index,
+            "iib_fork_source": int(extra_fields[i].get("iib_fork_source", -1)),
+            "iib_prefix_length": roles[i].prefix_length, "iib_reward": float(rewards[i]),
+            "iib_ib_score": float(result.scores[i]), "iib_keep": bool(result.keep[i]),
+            "iib_advantage": float(tokens[0]) if tokens.numel() else 0.0,
+        }
+    return out
 
 
 class IibLpoTrainer(PPOTrainerSync):
     """``PPOTrainerSync`` + the I2B-LPO step (module docstring)."""
+
+    _iib_step_rows: dict[str, dict] | None = None  # the last step's ``step_rows``, for the generation dump
 
     def _iib_enabled(self) -> bool:
         return self.config.algorithm.adv_estimator == ADV_ESTIMATOR_NAME
@@ -178,24 +205,20 @@ class IibLpoTrainer(PPOTrainerSync):
         if not self._iib_enabled():
             return super()._compute_advantage(batch, metrics)
         start = time.perf_counter()
+        # algorithm.use_kl_in_reward is refused at start-up (startup_checks): r_v must stay the
+        # verifiable reward, so token_level_rewards are verl's scores unchanged
         fields = ["uid", "session_id", "data_source", "extra_info", "extra_fields", "responses", "response_mask",
-                  "rm_scores", "rollout_log_probs", "old_log_probs", "ref_log_prob", "entropy", "prompts"]
+                  "rm_scores", "rollout_log_probs", "old_log_probs", "entropy", "prompts"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         nested_mask = data["response_mask"]
         rows = {key: data.pop(key).tolist() for key in ("uid", "session_id", "data_source", "extra_info", "extra_fields")}
         prompt_lengths = [int(p.shape[0]) for p in data.pop("prompts").unbind(0)]
-        responses = [r.tolist() for r in data["responses"].unbind(0)]
+        lengths = [int(r.shape[0]) for r in data.pop("responses").unbind(0)]
         data = DataProto(batch=data.to_padded_tensor())
         data.batch["token_level_scores"] = data.batch["rm_scores"]
-        if self.config.algorithm.use_kl_in_reward:
-            data, kl_metrics = apply_kl_penalty(
-                data, kl_ctrl=self.kl_ctrl_in_reward, kl_penalty=self.config.algorithm.kl_penalty
-            )
-            metrics.update(kl_metrics)
-        else:
-            data.batch["token_level_rewards"] = data.batch["token_level_scores"]
+        data.batch["token_level_rewards"] = data.batch["token_level_scores"]
 
-        # kind, round and (rounds > 1) the rollout's Top-N decision of every row (ib_step.row_role)
+        # kind, round, inherited prefix and (rounds > 1) the rollout's Top-N decision of every row (ib_step.row_role)
         roles = [row_role(u, s, e) for u, s, e in zip(rows["uid"], rows["session_id"], rows["extra_fields"], strict=True)]
         rollout_corr_config = self.config.algorithm.get("rollout_correction", None)
         bypass = rollout_corr_config is not None and rollout_corr_config.get("bypass_mode", False)
@@ -216,28 +239,17 @@ class IibLpoTrainer(PPOTrainerSync):
         ib_config = IBConfig(**dict(iib.ib))
         adv_config = AdvantageConfig(**dict(iib.advantage))
         mask = data.batch["response_mask"]
-        lengths = [len(r) for r in responses]
-        questions = [question_text(e) for e in rows["extra_info"]]
-        # rep4 / echo / filler were computed by the agent loop as each trajectory finished; rows
-        # without them (e.g. from verl's own agent loops) are decoded and computed here
-        stats = [TextStats.from_extra_fields(e) for e in rows["extra_fields"]]
-        missing = [i for i, s in enumerate(stats) if s is None]
-        texts = [""] * len(roles)
-        for i, text in zip(missing, self.tokenizer.batch_decode([responses[i] for i in missing], skip_special_tokens=True)):
-            texts[i], stats[i] = text, text_stats(questions[i], text)
+        stats = [self._text_stats_of_row(e, role) for e, role in zip(rows["extra_fields"], roles, strict=True)]
         token_adv = (self._grpo_token_advantages(rewards, roles, adv_config.eps)
                      if ib_estimator_spec(ib_config.estimator).needs_token_advantages else None)
         entropy = data.batch.get("entropy")
+        max_tokens = int(self.config.actor_rollout_ref.rollout.response_length)
         trajectories = [
-            IBInputs(
-                question=questions[i],
-                response=texts[i],  # "" where the agent loop's text_stats stand in for the text
-                reward=float(rewards[i]),
-                num_tokens=lengths[i],
-                max_tokens=int(self.config.actor_rollout_ref.rollout.response_length),
-                token_entropies=entropy[i, : lengths[i]] if entropy is not None else None,
-                token_advantages=token_adv[i] if token_adv is not None else None,
-                text_stats=stats[i],
+            trajectory_ib_inputs(  # a branch's token-level terms over its own tokens, as the rollout ranks it
+                question=question_text(rows["extra_info"][i]), reward=float(rewards[i]), num_tokens=lengths[i],
+                max_tokens=max_tokens, prefix_length=roles[i].prefix_length, text_stats=stats[i],
+                entropies=entropy[i] if entropy is not None else None,
+                token_advantage=token_adv[i] if token_adv is not None else None,
             )
             for i in range(len(roles))
         ]
@@ -246,12 +258,11 @@ class IibLpoTrainer(PPOTrainerSync):
         data.batch["response_mask"] = result.response_mask
 
         out_fields = ["advantages", "returns", "response_mask"]
-        if self.config.algorithm.use_kl_in_reward:
-            out_fields.append("token_level_rewards")
         if "rollout_is_weights" in data.batch:
             out_fields.append("rollout_is_weights")
         output = {name: response_to_nested(data.batch[name], nested_mask) for name in out_fields}
         output["loss_mask"] = output["response_mask"]
+        self._iib_step_rows = step_rows(batch.keys, roles, rows["extra_fields"], rewards, result, mask)
         batch = tq.kv_batch_put(
             keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(output, batch_size=len(batch))
         )
@@ -259,9 +270,32 @@ class IibLpoTrainer(PPOTrainerSync):
             iib_lpo_step_metrics(roles, rows["extra_fields"], rewards, result.scores, result.keep, prompt_lengths,
                                  [s.rep4 for s in stats], recomputed_keep=result.recomputed_keep)
         )
-        metrics["iib_lpo/text_stats_from_rollout"] = 1.0 - len(missing) / len(roles)
         metrics["timing_s/iib_lpo_ib_filter_adv"] = time.perf_counter() - start
         return batch
+
+    def _dump_generations(self, inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path):
+        """verl's generation dump (``trainer.rollout_data_dir``, one JSONL per step) with each training
+        row's I2B-LPO step added (``STEP_ROW_FIELDS``, from ``step_rows``); validation dumps and the
+        baselines' are verl's own."""
+        rows, keys = self._iib_step_rows, reward_extra_infos_dict.get("uid")
+        if rows and keys is not None and all(k in rows for k in keys):
+            reward_extra_infos_dict = {**reward_extra_infos_dict,
+                                       **{name: [rows[k][name] for k in keys] for name in STEP_ROW_FIELDS}}
+        super()._dump_generations(inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path)
+
+    @staticmethod
+    def _text_stats_of_row(extra_fields: dict, role: RowRole) -> TextStats:
+        """The IB text statistics the agent loop stored with the row; a row without them is refused
+        (it did not come from the branching agent loop, or its ``extra_info.question`` was missing)."""
+        stats = TextStats.from_extra_fields(extra_fields)
+        if stats is None:
+            raise ValueError(
+                f"row uid={role.uid} session_id={role.session_id}: no IB text statistics "
+                f"({sorted(TextStats.FIELDS.values())}) in its extra_fields. The branching agent loop writes them "
+                "as each trajectory finishes when the row has extra_info.question; train I2B-LPO with "
+                "actor_rollout_ref.rollout.agent.default_agent_loop=iib_lpo_branching on data_prep's parquet files"
+            )
+        return stats
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -1,9 +1,18 @@
 """One check of a run's config before anything starts (no Ray, no GPU, no model load).
 
 ``check_iib_lpo_config(config)`` raises ``RecipeConfigError`` listing every problem, each naming
-the key and the fix, so a bad run fails at start-up instead of at step 1. The I2B-LPO checks apply
-when ``algorithm.adv_estimator=iib_lpo``; :func:`recipe_path_problems` (paths written for the
-recipe's old flat layout) applies to baselines launched through the same entry point too.
+the key and the fix, so a bad run fails at start-up instead of at step 1. ``main.prepare_config``
+calls it before anything starts, and so does ``DRY_RUN=1`` of every launch script (with
+``check_files=False``: the config alone), so a config can be validated on a laptop.
+
+For every run through the entry point (the baselines too): :func:`entry_point_problems` (verl's
+V1 synchronous trainer is the only one the entry point runs) and :func:`recipe_path_problems`
+(paths written for the recipe's old flat layout). With ``algorithm.adv_estimator=iib_lpo`` also:
+the group layout, the rollout / agent loop selections, ``algorithm.use_kl_in_reward`` (refused),
+the IB estimator, every check the branching rollout's own parser makes
+(``rollout.config.BranchingRolloutConfig.from_trainer_config``: unknown ``latent`` /
+``agent_loop`` keys, ``entropy.source``, ``latent.mode``, ``parent_wait_timeout_s``, rounds), the
+rounds' estimator / top_n, the recipe's dataclasses, the reward style and the latent's pieces.
 """
 
 from __future__ import annotations
@@ -16,9 +25,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig
-from recipe.iib_lpo.algorithm.ib import IBConfig, ib_estimator_spec, list_ib_estimators
+from recipe.iib_lpo.algorithm.alpha_schedule import LatentSchedule
+from recipe.iib_lpo.algorithm.branching import BranchingConfig
+from recipe.iib_lpo.algorithm.entropy import EntropyConfig
+from recipe.iib_lpo.algorithm.ib import IBConfig, list_ib_estimators
 from recipe.iib_lpo.algorithm.ib_step import rounds_problems
 from recipe.iib_lpo.algorithm.loss_terms import LossTermsConfig
+from recipe.iib_lpo.latent.service import LatentServiceConfig
 from recipe.iib_lpo.rollout.layout import AGENT_NAME as AGENT_LOOP_NAME
 from verl_patches import cpu_platform
 from verl_patches.rollout_server import ROLLOUT_NAME
@@ -27,12 +40,44 @@ MANAGER_CLASS = "recipe.iib_lpo.rollout.manager.IibLpoAgentLoopManagerTQ"
 
 
 def estimator_problems(estimator: str) -> list[str]:
-    """Why the trainer cannot score with IB estimator ``estimator`` (empty when it can): unknown, or
-    its registration's ``training_unsupported`` reason."""
+    """Why the trainer cannot score with IB estimator ``estimator`` (empty when it can): every
+    registered estimator trains, so only an unknown name is refused."""
     if estimator not in list_ib_estimators():
         return [f"iib_lpo.ib.estimator={estimator!r} is unknown; registered: {list_ib_estimators()}"]
-    reason = ib_estimator_spec(estimator).training_unsupported
-    return [] if reason is None else [f"iib_lpo.ib.estimator={estimator!r} is not supported in training: {reason}"]
+    return []
+
+
+# the trainer mode the recipe's entry point implements: IibLpoTrainer is verl's PPOTrainerSync
+SYNC_TRAINER_MODE = "sync"
+
+
+def entry_point_problems(config: Any) -> list[str]:
+    """What ``python -m recipe.iib_lpo.main`` cannot run, for every algorithm: it always runs verl's V1
+    synchronous trainer (``trainer.use_v1=True``, ``trainer.v1.trainer_mode=sync``), whatever those
+    keys say, so any other value is refused instead of ignored."""
+    trainer = config.trainer
+    problems = []
+    if not trainer.get("use_v1", True):
+        problems.append("trainer.use_v1=False: the recipe's entry point runs verl's V1 trainer only; set "
+                        "trainer.use_v1=True (or run verl's own python -m verl.trainer.main_ppo for the legacy trainer)")
+    mode = (trainer.get("v1") or {}).get("trainer_mode", SYNC_TRAINER_MODE)
+    if mode != SYNC_TRAINER_MODE:
+        problems.append(f"trainer.v1.trainer_mode={mode!r}: the recipe's entry point runs verl's synchronous "
+                        f"V1 trainer only (its trainer is PPOTrainerSync + the I2B-LPO step); set "
+                        f"trainer.v1.trainer_mode={SYNC_TRAINER_MODE}")
+    return problems
+
+
+def rollout_parser_problem(config: Any) -> str | None:
+    """The first problem the branching rollout's parser (``BranchingRolloutConfig.from_trainer_config``,
+    run again in every agent-loop worker) finds, or None: the same words the workers would raise."""
+    from recipe.iib_lpo.rollout.config import BranchingRolloutConfig
+
+    try:
+        BranchingRolloutConfig.from_trainer_config(config)
+    except (TypeError, ValueError) as err:
+        return str(err)
+    return None
 
 
 def recipe_path_problems(config: Any) -> list[str]:
@@ -78,7 +123,7 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
     ``check_files=False`` (``DRY_RUN=1``) skips what needs the run's files (the CVAE checkpoint,
     the model's config.json) and checks the config alone.
     """
-    problems = recipe_path_problems(config)
+    problems = entry_point_problems(config) + recipe_path_problems(config)
     if config.algorithm.adv_estimator != ADV_ESTIMATOR_NAME:
         if problems:
             raise RecipeConfigError("config check failed:\n  - " + "\n  - ".join(problems))
@@ -99,6 +144,10 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
     if rollout.agent.default_agent_loop != AGENT_LOOP_NAME:
         problems.append(f"actor_rollout_ref.rollout.agent.default_agent_loop={rollout.agent.default_agent_loop!r}: "
                         f"I2B-LPO needs {AGENT_LOOP_NAME!r}")
+    if config.algorithm.get("use_kl_in_reward", False):
+        problems.append("algorithm.use_kl_in_reward=True: I2B-LPO scores and normalises the verifiable reward r_v "
+                        "in [0, 1] (IB scores, z(r_v)); a KL penalty folded into the reward would change both. Set "
+                        "algorithm.use_kl_in_reward=False")
     if not rollout.calculate_log_probs:
         problems.append("actor_rollout_ref.rollout.calculate_log_probs=False: branches carry their parent's rollout "
                         "log-probs and rollout correction needs them; set it to True")
@@ -115,12 +164,20 @@ def check_iib_lpo_config(config: Any, check_files: bool = True) -> None:
             problems += rounds_problems(IBConfig(**iib["ib"]), k)
         except (TypeError, ValueError):
             pass  # reported below as an iib_lpo.ib problem
-    for name, cls, raw in (("ib", IBConfig, iib["ib"]), ("advantage", AdvantageConfig, iib["advantage"]),
-                           ("loss_terms", LossTermsConfig, iib["loss_terms"])):
+    latent = iib.get("latent") or {}
+    groups = (("ib", IBConfig, iib["ib"]), ("advantage", AdvantageConfig, iib["advantage"]),
+              ("loss_terms", LossTermsConfig, iib["loss_terms"]), ("branching", BranchingConfig, iib.get("branching")),
+              ("entropy", lambda **kw: EntropyConfig(**{"source": "topk", **kw}), iib.get("entropy")),
+              ("latent.schedule", LatentSchedule, latent.get("schedule")),
+              ("latent.service", lambda **kw: LatentServiceConfig.from_dict(kw), latent.get("service")))
+    for name, build, raw in groups:
         try:
-            cls(**raw)
+            build(**dict(raw or {}))
         except (TypeError, ValueError) as err:
             problems.append(f"iib_lpo.{name}: {err}")
+    parser_problem = rollout_parser_problem(config)
+    if parser_problem is not None and not any(parser_problem in p for p in problems):  # not listed above already
+        problems.append(f"{parser_problem} (refused by the branching rollout's config parser)")
     if iib["loss_terms"]["lambda_reg"] > 0 and not config.actor_rollout_ref.actor.calculate_entropy:
         problems.append("iib_lpo.loss_terms.lambda_reg > 0 needs the per-token entropy in the actor update: set "
                         "actor_rollout_ref.actor.calculate_entropy=True")
