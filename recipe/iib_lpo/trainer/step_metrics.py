@@ -8,7 +8,8 @@ Meanings (README, "Metrics"):
   ``latent_norm``: means over branches (scale 0 for branches without a latent; norm over
   injected ones); ``latent_sampling_s``: mean seconds a branch spent getting its latent (encoder +
   prior, incl. the service's batching window).
-- ``ib_score_kept`` / ``ib_score_dropped``: mean S_IB; ``keep_rate``: kept share of branches.
+- ``ib_score_kept`` / ``ib_score_dropped``: mean S_IB of the kept / dropped branches (initial
+  rollouts, always kept, would blur the comparison); ``keep_rate``: kept share of branches.
 - ``acc_initial`` / ``acc_branch``: mean r_v of initial rollouts / branches (resamples of a parent
   too short to fork are in neither). ``acc_branch_injected`` / ``acc_branch_plain``: mean r_v of the
   branches whose ``iib_latent_status`` is ``injected`` / anything else (forked without a latent:
@@ -133,8 +134,8 @@ def iib_lpo_step_metrics(
     out["latent_norm"] = _mean([extra_fields[i].get("iib_latent_norm") for i in branches])
     out["latent_sampling_s"] = _mean([extra_fields[i].get("iib_latent_sampling_s") for i in branches])
     keep_list = keep.tolist()
-    out["ib_score_kept"] = _mean([float(scores[i]) for i in range(n) if keep_list[i]])
-    out["ib_score_dropped"] = _mean([float(scores[i]) for i in range(n) if not keep_list[i]])
+    out["ib_score_kept"] = _mean([float(scores[i]) for i in branches if keep_list[i]])
+    out["ib_score_dropped"] = _mean([float(scores[i]) for i in branches if not keep_list[i]])
     out["keep_rate"] = _mean([1.0 if keep_list[i] else 0.0 for i in branches])
     out["acc_initial"] = _mean([float(rewards[i]) for i in initial])
     out["acc_branch"] = _mean([float(rewards[i]) for i in branches])
