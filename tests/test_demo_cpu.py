@@ -92,7 +92,7 @@ def test_metrics_and_iib_lpo_step_metrics_were_written(smoke):
     # the honest metrics of issue 20: injected and plain branches apart, and how off-policy they are
     assert all(0 <= m["iib_lpo/is/branch_injected/truncated_share"] <= 1 for m in iib)
     assert all(m["iib_lpo/num_branch_injected"] + m["iib_lpo/num_branch_plain"] > 0 for m in iib)
-    assert iib[0]["iib_lpo/latent_sampling_s"] > 0 and all(m["iib_lpo/text_stats_from_rollout"] == 1.0 for m in iib)
+    assert iib[0]["iib_lpo/latent_sampling_s"] > 0
     assert all("iib_lpo/ib_score_kept" in m for m in iib)
     assert not any(k.startswith("iib_lpo/") for m in _metrics(smoke["out"], "grpo") for k in m)
 
