@@ -42,6 +42,8 @@ def test_resume_folder_follows_verls_resume_modes(tmp_path):
     assert resume_folder(trainer(resume_mode="auto")) == str(tmp_path / "global_step_1")
     explicit = str(tmp_path / "global_step_2")
     assert resume_folder(trainer(resume_mode="resume_path", resume_from_path=explicit)) == explicit
+    with pytest.raises(ValueError, match="must be a global_step_<N> folder"):
+        resume_folder(trainer(resume_mode="resume_path", resume_from_path=str(tmp_path)))
     with pytest.raises(ValueError, match="resume_mode='latest'"):
         resume_folder(trainer(resume_mode="latest"))
     os.remove(tmp_path / "latest_checkpointed_iteration.txt")

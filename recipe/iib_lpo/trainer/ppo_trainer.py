@@ -100,7 +100,11 @@ def resume_folder(trainer_config: Any) -> str | None:
     if mode == "auto":
         return find_latest_ckpt_path(os.path.abspath(trainer_config.default_local_dir))
     if mode == "resume_path":
-        return os.path.abspath(str(trainer_config.resume_from_path))
+        folder = os.path.abspath(str(trainer_config.resume_from_path))
+        if not os.path.basename(folder.rstrip("/")).startswith("global_step_"):
+            raise ValueError(f"trainer.resume_from_path={trainer_config.resume_from_path!r} must be a global_step_<N> "
+                             "folder (verl reads the step from its name)")
+        return folder
     raise ValueError(f"trainer.resume_mode={mode!r}: verl knows disable, auto and resume_path")
 
 
