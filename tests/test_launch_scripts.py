@@ -447,6 +447,20 @@ def test_bad_ablation_knob_fails(env_dir):
     assert run.returncode == 2 and "IB_TOP_N=4 exceeds NUM_BRANCHES=3" in run.stderr
 
 
+@pytest.mark.parametrize("script, args, override, message", [
+    # I2B-LPO layouts (one round and R rounds): the recipe's check, not verl's mid-run crash
+    ("run_qwen7b.sh", [], "algorithm.use_kl_in_reward=True", "algorithm.use_kl_in_reward=True: I2B-LPO"),
+    ("run_qwen7b_ablation_rounds.sh", ["2"], "actor_rollout_ref.rollout.n=8", "actor_rollout_ref.rollout.n=8 but"),
+    # a baseline: the checks every algorithm gets
+    ("run_qwen7b_grpo.sh", [], "trainer.v1.trainer_mode=async", "trainer.v1.trainer_mode='async'"),
+])
+def test_dry_run_runs_the_start_up_checks(env_dir, script, args, override, message):
+    """DRY_RUN=1 refuses what a real run's start-up check refuses, before any config is printed."""
+    run = _run(script, [*args, override], _base_env(env_dir, DRY_RUN="1"))
+    assert run.returncode != 0 and run.stdout == ""
+    assert "config check failed" in run.stderr and message in run.stderr
+
+
 def test_multinode_needs_an_action_and_prints_ray_commands(env_dir):
     env = _base_env(env_dir, DRY_RUN="1")
     run = _run("run_qwen7b_multinode.sh", [], env, timeout=60)

@@ -104,6 +104,16 @@ def test_registered_with_verl_registries():
     assert rollout_base._ROLLOUT_REGISTRY[(rs.ROLLOUT_NAME, "async")] == rollout_base._ROLLOUT_REGISTRY[("vllm", "async")]
 
 
+def test_registration_refuses_a_verl_without_the_vllm_adapter_entry(monkeypatch):
+    """The private adapter dict is verl 0.9.1's layout: another layout is a start-up error naming it."""
+    from verl.workers.rollout import base as rollout_base
+
+    monkeypatch.setattr(rollout_base, "_ROLLOUT_REGISTRY", {("sglang", "async"): "x.y.Z"})
+    with pytest.raises(RuntimeError, match=r"_ROLLOUT_REGISTRY.*\('vllm', 'async'\)"):
+        rs.register_rollout_server()
+    assert (rs.ROLLOUT_NAME, "async") not in rollout_base._ROLLOUT_REGISTRY
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_plugin_registers_the_server_in_a_fresh_interpreter():

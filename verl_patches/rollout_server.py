@@ -170,8 +170,26 @@ def register_rollout_server() -> None:
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_replica_class)
-    # The training worker's weight-sync adapter for this server is verl's own vLLM adapter.
-    rollout_base._ROLLOUT_REGISTRY[(ROLLOUT_NAME, "async")] = rollout_base._ROLLOUT_REGISTRY[("vllm", "async")]
+    # The training worker's weight-sync adapter for this server is verl's own vLLM adapter. verl
+    # 0.9.1 offers no public register function for it, so the private dict is written; refuse
+    # clearly if a verl upgrade changed it rather than failing later inside get_rollout_class.
+    adapters = getattr(rollout_base, "_ROLLOUT_REGISTRY", None)
+    if not isinstance(adapters, dict) or ("vllm", "async") not in adapters:
+        raise RuntimeError(
+            "verl.workers.rollout.base._ROLLOUT_REGISTRY is missing or has no ('vllm', 'async') entry: "
+            f"this verl ({_verl_version()}) changed how rollout adapters are registered; "
+            f"the '{ROLLOUT_NAME}' rollout was written against verl 0.9.1 (verl_patches/README.md)"
+        )
+    adapters[(ROLLOUT_NAME, "async")] = adapters[("vllm", "async")]
+
+
+def _verl_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("verl")
+    except Exception:  # a source checkout without metadata
+        return "unknown version"
 
 
 def _load_replica_class():
