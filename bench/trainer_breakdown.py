@@ -1,6 +1,16 @@
 """Training-step breakdown of I2B-LPO and GRPO from the trainer's own timing metrics, on CPU.
 
     python -m bench.trainer_breakdown --out outputs/bench/trainer [--steps 3] [--timeout-s 1500]
+    python -m bench.trainer_breakdown --out outputs/bench/step_ratio --arms grpo iib_lpo iib_lpo_mask \
+        --repeats 5 --steps 2                                  # alternating repeats: the step-time ratio
+    python -m bench.trainer_breakdown report --out outputs/bench/step_ratio   # tables from runs.jsonl
+
+Arms: ``grpo``, ``iib_lpo`` (the recipe's defaults: dropped rows left out of the actor update) and
+``iib_lpo_mask`` (``iib_lpo.advantage.dropped_rows=mask``: they go through it under a zero mask).
+With ``--repeats R`` the arms alternate (listed order on even repeats, reversed on odd ones), every
+run appends one line to ``runs.jsonl`` (arm, repeat, load before / after, every step's ``timing_s/*``),
+and ``report`` gives each arm's ratio to ``grpo`` within a repeat (median over the steps after
+the first of ``timing_s/step`` and ``timing_s/update_actor``), as median (min-max) over repeats.
 
 Runs ``python -m recipe.iib_lpo.main +profile=cpu`` once per algorithm (the command
 ``recipe.iib_lpo.trainer.cpu_run`` builds, same tiny random Qwen2, demo data, M=2 / K=3 = 8 trajectories
@@ -29,6 +39,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_REWARD = REPO_ROOT / "tests" / "helpers" / "parity_reward.py"
 ALGORITHMS = ("grpo", "iib_lpo")
+# arm -> (algorithm, extra Hydra overrides)
+ARMS = {"grpo": ("grpo", []), "iib_lpo": ("iib_lpo", []),
+        "iib_lpo_mask": ("iib_lpo", ["iib_lpo.advantage.dropped_rows=mask"])}
+RATIO_KEYS = ("timing_s/step", "timing_s/update_actor", "timing_s/gen", "timing_s/old_log_prob")
 
 
 def prepare_trainer_artifacts(root: Path, seed: int = 0) -> dict:
@@ -168,14 +182,93 @@ def summarize(run: dict) -> dict:
     return {k: run[k] for k in ("algorithm", "returncode", "timed_out", "wall_s", "command")} | {"steps": steps}
 
 
+def arm_order(arms: list[str], repeat: int) -> list[str]:
+    """The arms in the order repeat ``repeat`` runs them: as listed on even repeats, reversed on odd ones."""
+    return list(arms) if repeat % 2 == 0 else list(reversed(arms))
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def step_ratios(runs: list[dict], reference: str = "grpo") -> dict:
+    """{arm: {key: {"median", "min", "max", "n"}}} of arm / ``reference`` per repeat, each run's value
+    being the median of ``key`` over its steps after the first (step 1 pays start-up costs). Runs that
+    failed and repeats without the reference are left out."""
+    per_run: dict[tuple[int, str], dict[str, float]] = {}
+    for run in runs:
+        if run.get("returncode") != 0:
+            continue
+        later = [row["timing"] for row in run["steps"] if row["step"] > 1]
+        per_run[(run["repeat"], run["arm"])] = {
+            key: _median([t[key] for t in later]) for key in RATIO_KEYS if later and all(key in t for t in later)}
+    out: dict[str, dict] = {}
+    for (repeat, arm), values in sorted(per_run.items()):
+        ref = per_run.get((repeat, reference))
+        if arm == reference or ref is None:
+            continue
+        for key, value in values.items():
+            if ref.get(key):
+                out.setdefault(arm, {}).setdefault(key, []).append(value / ref[key])
+    return {arm: {key: {"median": _median(r), "min": min(r), "max": max(r), "n": len(r)} for key, r in keys.items()}
+            for arm, keys in out.items()}
+
+
+def _report(out: Path) -> int:
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line.strip()]
+    loads = [x for run in runs for x in (run["load_before"][0], run["load_after"][0])]
+    print(f"{len(runs)} runs, load1 {min(loads):.1f}-{max(loads):.1f}")
+    print("| arm | " + " | ".join(f"{k.split('/')[-1]} ratio to GRPO" for k in RATIO_KEYS) + " | repeats |")
+    print("|---|" + "---|" * (len(RATIO_KEYS) + 1))
+    for arm, keys in step_ratios(runs).items():
+        cells = [f"{keys[k]['median']:.3f} ({keys[k]['min']:.3f}-{keys[k]['max']:.3f})" if k in keys else "-"
+                 for k in RATIO_KEYS]
+        print(f"| {arm} | " + " | ".join(cells) + f" | {max(v['n'] for v in keys.values())} |")
+    return 0
+
+
+def _alternate(args) -> int:
+    artifacts = prepare_trainer_artifacts(args.out / "artifacts")
+    ok = True
+    for repeat in range(args.repeats):
+        for arm in arm_order(args.arms, repeat):
+            algorithm, overrides = ARMS[arm]
+            load = os.getloadavg()
+            run = run_trainer(artifacts, algorithm, args.out / f"{arm}_{repeat}", args.steps, args.timeout_s,
+                              overrides + args.override)
+            summary = summarize(run) | {"arm": arm, "repeat": repeat, "load_before": load,
+                                        "load_after": os.getloadavg()}
+            ok = ok and run["returncode"] == 0
+            with open(args.out / "runs.jsonl", "a") as f:
+                f.write(json.dumps(summary) + "\n")
+            step_s = [row["timing"].get("timing_s/step") for row in summary["steps"]]
+            print(f"repeat {repeat + 1}/{args.repeats} {arm}: rc {run['returncode']}, step s {step_s}", flush=True)
+    return _report(args.out) if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        parser = argparse.ArgumentParser(description="tables of a finished alternating run")
+        parser.add_argument("--out", type=Path, required=True)
+        return _report(parser.parse_args(argv[1:]).out)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "bench" / "trainer")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--timeout-s", type=float, default=1500.0, help="hard limit per training run")
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     parser.add_argument("--override", action="append", default=[], help="extra Hydra override (both runs)")
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=None,
+                        help="alternate these arms (with --repeats) instead of one run per --algorithms")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating repeats of --arms")
     args = parser.parse_args(argv)
+    if args.arms:
+        if "grpo" not in args.arms:
+            parser.error("--arms needs grpo: every ratio is to GRPO's run of the same repeat")
+        args.out.mkdir(parents=True, exist_ok=True)
+        return _alternate(args)
     artifacts = prepare_trainer_artifacts(args.out / "artifacts")
     results = {"load_before": os.getloadavg(), "steps": args.steps, "overrides": args.override, "runs": {}}
     for algorithm in args.algorithms:

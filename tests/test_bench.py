@@ -127,3 +127,44 @@ def test_rollout_bench_tiny_mode(tmp_path):
     assert f"| {t.m} | {t.k} | {t.rounds} | {t.length} | {t.prompts} | code | cvae |" in text
     assert (t.m, t.k, t.rounds, t.detokenize) == (2, 1, 1, None)
     assert rb.headline(out, rb.TINY).startswith("rollout wall-time ratio I2B-LPO / GRPO: ")
+
+
+def test_trainer_step_ratios_pair_each_arm_with_grpo_of_its_repeat():
+    from bench.trainer_breakdown import arm_order, step_ratios
+
+    assert arm_order(["grpo", "iib_lpo"], 0) == ["grpo", "iib_lpo"]
+    assert arm_order(["grpo", "iib_lpo"], 1) == ["iib_lpo", "grpo"]
+
+    def run(arm, repeat, step_s, rc=0):  # step 1 (start-up) is left out of every median
+        steps = [{"step": i + 1, "timing": {"timing_s/step": s, "timing_s/update_actor": s / 2}}
+                 for i, s in enumerate(step_s)]
+        return {"arm": arm, "repeat": repeat, "returncode": rc, "steps": steps}
+
+    runs = [run("grpo", 0, [99.0, 4.0, 6.0]), run("iib_lpo", 0, [1.0, 5.0, 5.0]),   # 5 / 5
+            run("iib_lpo", 1, [1.0, 4.0]), run("grpo", 1, [1.0, 8.0]),              # 4 / 8
+            run("grpo", 2, [1.0, 2.0]), run("iib_lpo", 2, [1.0, 1.0], rc=1)]        # failed: left out
+    ratios = step_ratios(runs)
+    assert set(ratios) == {"iib_lpo"}
+    step = ratios["iib_lpo"]["timing_s/step"]
+    assert step == {"median": pytest.approx(0.75), "min": pytest.approx(0.5), "max": pytest.approx(1.0), "n": 2}
+    assert ratios["iib_lpo"]["timing_s/update_actor"]["median"] == pytest.approx(0.75)
+
+
+def test_the_four_target_lines_come_from_the_raw_points_and_say_what_is_missing():
+    from bench.rollout_bench import DEFAULT
+    from bench.targets import SMALL_BATCH, target_lines
+
+    def stat(median, lo, hi, n=5):
+        return {"median": median, "min": lo, "max": hi, "n": n}
+
+    points = {DEFAULT.key: {"summary": {"wall_ratio": stat(0.97, 0.9, 1.1), "token_ratio": stat(0.6123, 0.6, 0.62),
+                                        "load1": stat(1.5, 1.0, 2.0)}}}
+    steps = [{"step": 1, "timing": {"timing_s/step": 50.0}}, {"step": 2, "timing": {"timing_s/step": 4.0}}]
+    runs = [{"arm": "grpo", "repeat": 0, "returncode": 0, "steps": steps, "load_before": [1.0], "load_after": [2.0]},
+            {"arm": "iib_lpo", "repeat": 0, "returncode": 0, "load_before": [1.0], "load_after": [3.0],
+             "steps": [steps[0], {"step": 2, "timing": {"timing_s/step": 3.6}}]}]
+    lines, table = target_lines(points, runs)
+    assert lines == ["rollout wall-time ratio at 32 prompts: 0.97", "rollout wall-time ratio at 4 prompts: not measured",
+                     "generated-token ratio: 0.612", "training-step ratio: 0.90"]
+    assert "| training-step ratio | 0.90 | 0.90-0.90 | 1 | 1.0-3.0 | <= 1.00 |" in table
+    assert SMALL_BATCH.key != DEFAULT.key and SMALL_BATCH.prompts == 4

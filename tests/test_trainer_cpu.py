@@ -218,3 +218,27 @@ def test_resume_from_step_two_continues_the_run_exactly(artifacts, iib_lpo_run):
     for key in ("critic/score/mean", "response_length/mean", "iib_lpo/keep_rate", "iib_lpo/fork_rate"):
         assert got[key] == want[key], key
     assert {k: got[k] for k in want} == {k: pytest.approx(v, rel=1e-4, abs=1e-4) for k, v in want.items()}
+
+
+def test_rows_the_filter_dropped_leave_the_update_and_change_nothing_else(artifacts, iib_lpo_run):
+    """The fixture run leaves the IB filter's dropped rows out of the actor update
+    (``iib_lpo.advantage.dropped_rows=remove``, the default); the same seeded run with them in the
+    update under a zero loss mask (``mask``, the behaviour before) takes the same step 1: the same
+    loss, grad norm and regulariser to float noise (the token-mean's denominator is the kept tokens
+    either way) and the same weights after it, measured against the size of one update. Catches a
+    removal that drops kept rows, keeps dropped ones, or changes the mini-batch (optimizer steps)."""
+    removed = _assert_finished(iib_lpo_run, IIB_STEPS)[0]
+    run = run_cpu_training(_spec(artifacts, "iib_lpo_masked", "iib_lpo", steps=1, overrides=[
+        "trainer.save_freq=1", "iib_lpo.advantage.dropped_rows=mask", *IB_REGULARISER, *SEEDED]),
+        timeout_s=RUN_TIMEOUT_S)
+    masked = _assert_finished(run, 1)[0]
+    # 2 prompts x (2 parents + 2 of their 3 branches each) train; 2 x 2 dropped branches do not
+    assert removed["iib_lpo/update_rows"] == 12 and removed["iib_lpo/update_rows_removed"] == 4
+    assert "iib_lpo/update_rows" not in masked
+    for key in ("critic/score/mean", "iib_lpo/keep_rate"):  # the same rollouts and filter
+        assert removed[key] == masked[key], key
+    for key in ("actor/pg_loss", "actor/grad_norm", "actor/ib_reg_loss", "actor/entropy"):
+        assert removed[key] == pytest.approx(masked[key], rel=1e-4, abs=1e-7), (key, removed[key], masked[key])
+    update = _distance(_actor_weights(iib_lpo_run, 2), _actor_weights(iib_lpo_run, 1))
+    drift = _distance(_actor_weights(run, 1), _actor_weights(iib_lpo_run, 1))
+    assert update > 0 and drift < 0.01 * update, (drift, update)

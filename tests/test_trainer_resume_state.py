@@ -106,3 +106,61 @@ def test_recipe_state_is_written_before_verls_checkpoint(tmp_path, monkeypatch):
     trainer._save_checkpoint()
     assert seen and seen[0] is not None and seen[0]["global_steps"] == 4
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_a_dead_actor_stops_the_run_naming_it_and_the_checkpoint_that_resumes(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    from recipe.iib_lpo.trainer.ppo_trainer import dead_actor_error
+
+    class _Died(ActorDiedError):  # Ray's text for a killed actor, as its error carries it
+        def __str__(self):
+            return ("The actor died unexpectedly before finishing this task.\n\tclass_name: IibLpoVLLMHttpServer\n"
+                    "\tactor_id: 1f2e\n\tpid: 4242")
+
+    assert dead_actor_error(ValueError("not an actor"), [], 3, str(tmp_path)) is None
+    fresh = dead_actor_error(_Died(), [], 1, str(tmp_path))
+    assert "step 1: IibLpoVLLMHttpServer." in str(fresh)
+    assert "no checkpoint was saved yet" in str(fresh)
+    _complete_step(tmp_path, 2, {})
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2")
+    # wrapped the way an error raised from the actor's death reaches the trainer
+    try:
+        try:
+            raise _Died()
+        except ActorDiedError as died:
+            raise RuntimeError("agent loop failed") from died
+    except RuntimeError as wrapped:
+        stopped = dead_actor_error(wrapped, [], 3, str(tmp_path))
+    assert f"{tmp_path / 'global_step_2'}: rerun with trainer.resume_mode=auto" in str(stopped)
+    assert "training step 3: IibLpoVLLMHttpServer." in str(stopped)
+    # verl's agent loop turns the death into failed groups: the error names no actor, the probe does
+    swallowed = RuntimeError("Sync replay buffer selected terminal groups with no materializable trajectories.")
+    stopped = dead_actor_error(swallowed, ["rollout server 0.0 (IibLpoVLLMReplica)"], 3, str(tmp_path))
+    assert "training step 3: rollout server 0.0 (IibLpoVLLMReplica). The trainer stopped" in str(stopped)
+    assert "no materializable trajectories" in str(stopped)
+    assert dead_actor_error(swallowed, [], 3, str(tmp_path)) is None
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_the_actor_probe_names_the_dead_actor_only():
+    import os
+    import signal
+
+    import ray
+
+    from recipe.iib_lpo.trainer.ppo_trainer import probe_dead_actors
+
+    @ray.remote(num_cpus=0)
+    class _Pid:
+        def pid(self):
+            return os.getpid()
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        alive, doomed = _Pid.remote(), _Pid.remote()
+        os.kill(ray.get(doomed.pid.remote(), timeout=60), signal.SIGKILL)
+        assert probe_dead_actors({"alive": alive, "doomed": doomed}, timeout_s=30) == ["doomed"]
+    finally:
+        ray.shutdown()

@@ -58,8 +58,10 @@ def _task_runner_base():
 
 
 class _IibLpoTaskRunner(_task_runner_base()):
-    """verl's ``TaskRunnerV1`` with two changes: the trainer is ``IibLpoTrainer``, and the latent
-    schedule's horizon is filled in before the agent-loop manager starts.
+    """verl's ``TaskRunnerV1`` with three changes: the trainer is ``IibLpoTrainer``, the latent
+    schedule's horizon is filled in before the agent-loop manager starts, and when ``fit`` fails
+    the run's actors are probed (rollout servers, agent-loop workers, training workers): if one
+    died, the run stops with ``dead_actor_error`` (what died, at which step, which checkpoint resumes).
 
     ``run`` is verl's with one line changed: verl picks the trainer inside ``run``
     (``get_trainer_cls(trainer.v1.trainer_mode)``), and registering ``IibLpoTrainer`` under another
@@ -72,7 +74,7 @@ class _IibLpoTaskRunner(_task_runner_base()):
         import transfer_queue as tq
         from verl.utils.logging_utils import configure_verl_logging
 
-        from recipe.iib_lpo.trainer.ppo_trainer import IibLpoTrainer
+        from recipe.iib_lpo.trainer.ppo_trainer import IibLpoTrainer, dead_actor_error, probe_dead_actors
 
         configure_verl_logging()
         config.transfer_queue.enable = True
@@ -84,7 +86,15 @@ class _IibLpoTaskRunner(_task_runner_base()):
             self.trainer = IibLpoTrainer(config=config)  # verl: get_trainer_cls(config.trainer.v1.trainer_mode)
             self.trainer.init()
             self.init_agent_loop_manager()
-            self.trainer.fit(self.agent_loop_manager)
+            try:
+                self.trainer.fit(self.agent_loop_manager)
+            except Exception as err:
+                dead = probe_dead_actors(self.trainer.actor_handles(self.agent_loop_manager))
+                stopped = dead_actor_error(err, dead, getattr(self.trainer, "global_steps", None),
+                                           config.trainer.default_local_dir)
+                if stopped is None:
+                    raise
+                raise stopped from err
             succeeded = True
         finally:
             tracking = getattr(self.trainer, "logger", None)

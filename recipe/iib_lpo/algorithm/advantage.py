@@ -46,6 +46,9 @@ __all__ = [
 ADV_ESTIMATOR_NAME = "iib_lpo"
 
 
+DROPPED_ROWS_MODES = ("remove", "mask")
+
+
 @dataclass(frozen=True)
 class AdvantageConfig:
     """Knobs of the I2B-LPO advantage (METHOD.md step 7; the recipe YAML mirrors them).
@@ -57,16 +60,24 @@ class AdvantageConfig:
             the weight so correctness stays the dominant signal. 0 reduces to GRPO on the kept
             set (ablation "no IB self-reward").
         eps: added to the group std, as verl's GRPO ``epsilon`` (default 1e-6).
+        dropped_rows: what the actor update does with rows the IB filter dropped (they carry
+            advantage 0 and an all-zero loss mask either way). "remove" (default): they are left
+            out of the update batch, so their tokens cost no forward/backward; "mask": they go
+            through it and add nothing to the loss (the behaviour before; the A/B for the
+            training-step cost).
     """
 
     lambda_ib: float = 0.5
     eps: float = 1e-6
+    dropped_rows: str = "remove"
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lambda_ib, (int, float)) and math.isfinite(self.lambda_ib) and self.lambda_ib >= 0):
             raise ValueError(f"AdvantageConfig.lambda_ib must be a finite number >= 0, got {self.lambda_ib!r}")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"AdvantageConfig.eps must be a finite number > 0, got {self.eps!r}")
+        if self.dropped_rows not in DROPPED_ROWS_MODES:
+            raise ValueError(f"AdvantageConfig.dropped_rows must be one of {DROPPED_ROWS_MODES}, got {self.dropped_rows!r}")
 
 
 def _group_key_list(group_ids: torch.Tensor | Sequence[Hashable] | np.ndarray, n: int) -> list[Hashable]:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -129,10 +130,13 @@ class CpuRunSpec:
         return out + list(self.overrides)
 
 
-def run_cpu_training(spec: CpuRunSpec, timeout_s: float, extra_env: dict[str, str] | None = None) -> CpuRun:
+def run_cpu_training(spec: CpuRunSpec, timeout_s: float, extra_env: dict[str, str] | None = None,
+                     on_start: Callable[[int], None] | None = None) -> CpuRun:
     """Run the trainer in a subprocess under a hard timeout; returns what it wrote.
 
     On timeout the whole process group (Ray, vLLM, workers) is killed and ``timed_out`` is set.
+    ``on_start(session_id)`` is called once the subprocess exists (``session_pids(session_id)`` are
+    the processes the run starts: the fault test kills one of them).
     """
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +151,8 @@ def run_cpu_training(spec: CpuRunSpec, timeout_s: float, extra_env: dict[str, st
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
+            if on_start is not None:
+                on_start(proc.pid)
             return CpuRun(proc.wait(timeout=timeout_s), out)
         except subprocess.TimeoutExpired:
             return CpuRun(-1, out, timed_out=True)
@@ -154,7 +160,7 @@ def run_cpu_training(spec: CpuRunSpec, timeout_s: float, extra_env: dict[str, st
             _kill_group(proc)
 
 
-def _session_pids(session_id: int) -> list[int]:
+def session_pids(session_id: int) -> list[int]:
     """Processes of a session (Ray's workers set their own process group but keep the session)."""
     pids = []
     for entry in Path("/proc").iterdir():
@@ -171,7 +177,7 @@ def _session_pids(session_id: int) -> list[int]:
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """Kill everything the run started (its session: Ray daemons, workers, vLLM), nothing else."""
-    for pid in [proc.pid, *_session_pids(proc.pid)]:
+    for pid in [proc.pid, *session_pids(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -1,6 +1,6 @@
 """verl 0.9.1's synchronous V1 trainer with the I2B-LPO step (METHOD.md steps 5-8).
 
-``IibLpoTrainer`` is ``PPOTrainerSync`` with five hooks changed; everything else (rollout,
+``IibLpoTrainer`` is ``PPOTrainerSync`` with six hooks changed; everything else (rollout,
 reward, old log-probs, rollout correction, actor update, weight sync, validation, checkpoints)
 is verl's. With ``algorithm.adv_estimator`` other than ``iib_lpo`` (the GRPO / DAPO baselines
 launched through the same entry point) it behaves exactly like ``PPOTrainerSync``.
@@ -12,6 +12,9 @@ launched through the same entry point) it behaves exactly like ``PPOTrainerSync`
   get advantage 0 and zero ``response_mask`` AND ``loss_mask`` (the engine's token-mean
   denominator is ``loss_mask.sum()``), so they add nothing to the loss. verl's advantage-estimator
   registry is not used: the step needs per-row fields verl's estimator call does not pass.
+- ``_update_actor``: with ``iib_lpo.advantage.dropped_rows=remove`` (default) verl's update runs on
+  the rows that train (``update_row_indices``), with the mini-batch size that gives verl's number of
+  optimizer steps; the step returns the whole batch (metrics, dump, TransferQueue clean-up).
 - ``_dump_generations``: with ``trainer.rollout_data_dir`` set, verl's per-step generation dump
   also carries each row's step (``STEP_ROW_FIELDS``: role, S_IB, keep, advantage, ...).
 - ``on_init_end``: installs ``trainer.loss.iib_lpo_ppo_loss`` when ``iib_lpo.loss_terms.lambda_reg > 0``.
@@ -29,9 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import time
 from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -43,6 +49,7 @@ from verl.trainer.ppo.rollout_corr_helper import (
     compute_rollout_correction_and_add_to_batch,
 )
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.utils.seqlen_balancing import calculate_workload, get_seqlen_balanced_partitions
 from verl.workers.utils.padding import response_to_nested
 
 from recipe.iib_lpo.algorithm.advantage import ADV_ESTIMATOR_NAME, AdvantageConfig, group_zscore
@@ -108,6 +115,52 @@ def resume_folder(trainer_config: Any) -> str | None:
     raise ValueError(f"trainer.resume_mode={mode!r}: verl knows disable, auto and resume_path")
 
 
+def dead_actor_error(err: BaseException, dead: list[str], global_steps: int | None,
+                     checkpoint_dir: str) -> RuntimeError | None:
+    """The error a run stops with when a Ray actor died under it: what died, at which step, and the
+    checkpoint ``trainer.resume_mode=auto`` would continue from. ``dead`` names the actors found
+    dead after ``err`` (``probe_dead_actors``): verl's agent loop turns a dead server's
+    ``ActorDiedError`` into failed groups, so ``err`` is then the replay buffer's "no materializable
+    trajectories", not Ray's error. Without ``dead``, Ray's actor-death error in ``err``'s cause
+    chain names the actor's class. None when neither shows a dead actor."""
+    from ray.exceptions import RayActorError
+    from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path
+
+    what = ", ".join(dead)
+    if not what:
+        cause = err
+        while cause is not None and not isinstance(cause, RayActorError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            return None
+        actor_class = re.search(r"class_name:\s*([\w.]+)", str(cause))  # Ray lists the dead actor's class
+        what = actor_class.group(1) if actor_class else type(cause).__name__
+    last = find_latest_ckpt_path(os.path.abspath(checkpoint_dir))
+    where = (f"the last complete checkpoint is {last}: rerun with trainer.resume_mode=auto to continue from it"
+             if last else "no checkpoint was saved yet (trainer.save_freq), so the run starts again from step 1")
+    first_line = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return RuntimeError(f"a Ray actor died during training step {global_steps}: {what}. The trainer stopped; "
+                        f"{where}. (The error that stopped the step: {type(err).__name__}: {first_line})")
+
+
+def probe_dead_actors(handles: dict[str, Any], timeout_s: float = 10.0) -> list[str]:
+    """The names in ``handles`` (name -> Ray actor handle) whose actor is dead: a ``__ray_ready__``
+    call fails with ``RayActorError``. An actor still busy after ``timeout_s`` counts as alive."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    refs = {name: handle.__ray_ready__.remote() for name, handle in handles.items()}
+    dead = []
+    for name, ref in refs.items():
+        try:
+            ray.get(ref, timeout=timeout_s)
+        except RayActorError:
+            dead.append(name)
+        except GetTimeoutError:
+            pass
+    return dead
+
+
 def check_resume_folder(folder: str, saved_state: dict | None, now: dict) -> None:
     """Refuse a step folder that is incomplete or was written under other settings (ValueError naming
     the missing parts or each differing field with its saved and current value)."""
@@ -154,10 +207,42 @@ def step_rows(keys: list[str], roles: list[RowRole], extra_fields: list[dict], r
     return out
 
 
+def update_row_indices(trains: Sequence[bool], multiple: int) -> list[int]:
+    """The batch rows (indices, in batch order) the actor update gets when the IB filter's dropped
+    rows are removed: every row with ``trains`` (kept, with a loss token), plus the fewest other
+    rows, first in batch order, that make the count a positive multiple of ``multiple``
+    (mini-batches x data-parallel ranks x the micro-batch size, when it is fixed); those stay
+    loss-masked. The batch length must itself be a
+    multiple of ``multiple`` (verl pads it so), so the fill always exists."""
+    n = len(trains)
+    if multiple < 1 or n == 0 or n % multiple:
+        raise ValueError(f"a batch of {n} rows cannot be split into a multiple of {multiple}")
+    train = [i for i, t in enumerate(trains) if t]
+    target = max(1, math.ceil(len(train) / multiple)) * multiple
+    fill = [i for i, t in enumerate(trains) if not t][: target - len(train)]
+    return sorted(train + fill)
+
+
+class _PinnedExtraInfo(dict):
+    """A ``KVBatchMeta.extra_info`` whose ``pinned`` entries survive ``update``: verl's
+    ``_update_actor`` sets the mini-batch size to ppo_mini_batch_size x rollout.n rows, which counts
+    rows a batch without the dropped rows no longer has."""
+
+    def __init__(self, base: dict, pinned: dict):
+        self._pinned = dict(pinned)
+        super().__init__(base)
+        super().update(self._pinned)
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        super().update(self._pinned)
+
+
 class IibLpoTrainer(PPOTrainerSync):
     """``PPOTrainerSync`` + the I2B-LPO step (module docstring)."""
 
     _iib_step_rows: dict[str, dict] | None = None  # the last step's ``step_rows``, for the generation dump
+    _iib_update_trains: list[bool] | None = None  # this step's rows with a loss token (dropped_rows=remove)
 
     def _iib_enabled(self) -> bool:
         return self.config.algorithm.adv_estimator == ADV_ESTIMATOR_NAME
@@ -201,6 +286,19 @@ class IibLpoTrainer(PPOTrainerSync):
                 now["latent_total_steps"] = saved["latent_total_steps"]
             check_resume_folder(folder, saved, now)
         super()._load_checkpoint()
+
+    def actor_handles(self, agent_loop_manager: Any = None) -> dict[str, Any]:
+        """The run's Ray actors by a name a user can act on: rollout servers, agent-loop workers, training workers."""
+        handles = {}
+        manager = getattr(self, "llm_server_manager", None)
+        for i, replica in enumerate(getattr(manager, "rollout_replicas", None) or []):
+            for j, server in enumerate(getattr(replica, "servers", None) or []):
+                handles[f"rollout server {i}.{j} ({type(replica).__name__})"] = server
+        for i, worker in enumerate(getattr(agent_loop_manager, "agent_loop_workers", None) or []):
+            handles[f"agent-loop worker {i}"] = worker
+        for i, worker in enumerate(getattr(getattr(self, "actor_rollout_wg", None), "workers", None) or []):
+            handles[f"actor worker {i}"] = worker
+        return handles
 
     # -- the I2B-LPO step ---------------------------------------------------------------------
 
@@ -260,6 +358,8 @@ class IibLpoTrainer(PPOTrainerSync):
         result = iib_lpo_step(trajectories, roles, mask, ib_config, adv_config.lambda_ib, adv_config.eps)
         data.batch["advantages"], data.batch["returns"] = result.advantages, result.returns
         data.batch["response_mask"] = result.response_mask
+        if adv_config.dropped_rows == "remove":  # _update_actor leaves the others out
+            self._iib_update_trains = [bool(k) and bool(m.any()) for k, m in zip(result.keep, result.response_mask)]
 
         out_fields = ["advantages", "returns", "response_mask"]
         if "rollout_is_weights" in data.batch:
@@ -275,6 +375,33 @@ class IibLpoTrainer(PPOTrainerSync):
                                  [s.rep4 for s in stats], recomputed_keep=result.recomputed_keep)
         )
         metrics["timing_s/iib_lpo_ib_filter_adv"] = time.perf_counter() - start
+        return batch
+
+    def _update_actor(self, batch, metrics: dict):
+        """verl's update on the rows that train (``update_row_indices``) when ``iib_lpo.advantage.
+        dropped_rows=remove``; the step still returns the whole batch (metrics, dump, clean-up)."""
+        trains, self._iib_update_trains = self._iib_update_trains, None
+        if trains is None:
+            return super()._update_actor(batch, metrics)
+        dp_size = max(self.actor_rollout_wg._dispatch_info["actor"]) + 1  # filled by _balance_batch
+        rows_per_mini_batch = (int(self.config.actor_rollout_ref.actor.ppo_mini_batch_size)
+                               * int(self.config.actor_rollout_ref.rollout.n))
+        num_mini_batches = len(batch) // rows_per_mini_batch  # _balance_batch padded to a multiple
+        actor = self.config.actor_rollout_ref.actor
+        # without dynamic batch sizes verl's engine splits each rank's mini-batch into fixed micro-batches
+        micro = 1 if actor.get("use_dynamic_bsz", False) else int(actor.ppo_micro_batch_size_per_gpu)
+        rows = update_row_indices(trains, num_mini_batches * dp_size * micro)
+        mini_batch = len(rows) // num_mini_batches  # as many optimizer steps as verl takes on the whole batch
+        update = batch.select_keys([batch.keys[i] for i in rows])
+        update.extra_info = _PinnedExtraInfo(update.extra_info, {"global_batch_size": mini_batch,
+                                                                 "mini_batch_size": mini_batch})
+        if dp_size > 1:  # the rows left are re-spread over the ranks by tokens, as verl's _balance_batch does
+            workload = calculate_workload(torch.tensor([tag["seq_len"] for tag in update.tags], dtype=torch.int64))
+            parts = get_seqlen_balanced_partitions(workload, k_partitions=dp_size, equal_size=True)
+            update.reorder([j for part in parts for j in part])
+        super()._update_actor(update, metrics)
+        metrics["iib_lpo/update_rows"] = len(rows)
+        metrics["iib_lpo/update_rows_removed"] = len(batch) - len(rows)
         return batch
 
     def _dump_generations(self, inputs, outputs, gts, scores, reward_extra_infos_dict, dump_path):
