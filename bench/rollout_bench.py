@@ -105,8 +105,9 @@ TINY = Point(k=1, length=24, prompts=2)
 
 
 def sweep_points(which: str, tiny: bool, detokenize: bool | None = None) -> list[Point]:
-    """The points of a run: "default", "detokenize", "k", "prompts", "length", "latent", "rounds" or
-    "all"; ``detokenize`` applies to the k / prompts / length / latent / rounds sweeps."""
+    """The points of a run: "default", "detokenize", "k", "prompts", "length", "latent", "rounds",
+    "targets" (the points of BENCHMARKS.md's target lines) or "all"; ``detokenize`` applies to the
+    k / prompts / length / latent / rounds sweeps."""
     if tiny:
         return [TINY]
     d = detokenize
@@ -126,10 +127,12 @@ def sweep_points(which: str, tiny: bool, detokenize: bool | None = None) -> list
         "rounds": [Point(k=3, length=128, prompts=32, detokenize=d),
                    Point(k=3, length=128, prompts=32, detokenize=d, rounds=2),
                    Point(k=6, length=128, prompts=32, detokenize=d)],
+        # BENCHMARKS.md's target lines (bench.targets): the default point and the small batch
+        "targets": [DEFAULT, Point(k=3, length=128, prompts=4)],
         "flat": [Point(k=3, length=128, prompts=32, detokenize=d),
                  Point(k=3, length=128, prompts=32, detokenize=d, flat_logprobs=True)],
     }
-    names = [g for g in groups if g not in ("latent", "flat", "rounds")] if which == "all" else which.split(",")
+    names = [g for g in groups if g not in ("latent", "flat", "rounds", "targets")] if which == "all" else which.split(",")
     out: list[Point] = []
     for name in names:
         for p in groups[name]:

@@ -64,7 +64,9 @@ class AdvantageConfig:
             advantage 0 and an all-zero loss mask either way). "remove" (default): they are left
             out of the update batch, so their tokens cost no forward/backward; "mask": they go
             through it and add nothing to the loss (the behaviour before; the A/B for the
-            training-step cost).
+            training-step cost). Under verl's token-mean (the default) the two give the same
+            update; under a seq-mean ``loss_agg_mode`` "remove" averages over the kept rows where
+            "mask" divided by every row of the mini-batch.
     """
 
     lambda_ib: float = 0.5

@@ -36,8 +36,8 @@ import math
 import os
 import re
 import time
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -212,8 +212,8 @@ def update_row_indices(trains: Sequence[bool], multiple: int) -> list[int]:
     rows are removed: every row with ``trains`` (kept, with a loss token), plus the fewest other
     rows, first in batch order, that make the count a positive multiple of ``multiple``
     (mini-batches x data-parallel ranks x the micro-batch size, when it is fixed); those stay
-    loss-masked. The batch length must itself be a
-    multiple of ``multiple`` (verl pads it so), so the fill always exists."""
+    loss-masked. The batch length must itself be a multiple of ``multiple`` (verl pads it so), so
+    the fill always exists."""
     n = len(trains)
     if multiple < 1 or n == 0 or n % multiple:
         raise ValueError(f"a batch of {n} rows cannot be split into a multiple of {multiple}")
