@@ -13,12 +13,11 @@ the machine load. A value that was not measured prints as "not measured", never 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from bench.rollout_bench import DEFAULT, Point, _done_points
-from bench.trainer_breakdown import step_ratios
+from bench.rollout_bench import DEFAULT, Point, load_results
+from bench.trainer_breakdown import load_runs, step_ratios
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks"
@@ -60,10 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout", type=Path, default=RESULTS / "rollout", help="folder with points.jsonl")
     parser.add_argument("--trainer", type=Path, default=RESULTS / "trainer", help="folder with runs.jsonl")
     args = parser.parse_args(argv)
-    runs_path = args.trainer / "runs.jsonl"
-    runs = ([json.loads(line) for line in runs_path.read_text().splitlines() if line.strip()]
-            if runs_path.exists() else [])
-    lines, table = target_lines(_done_points(args.rollout / "points.jsonl"), runs)
+    points = {rec["point"]["key"]: rec for rec in load_results(args.rollout)}
+    lines, table = target_lines(points, load_runs(args.trainer))
     print("\n".join(lines + [""] + table))
     return 0
 

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -157,7 +158,7 @@ def run_trainer(artifacts: dict, algorithm: str, out_dir: Path, steps: int, time
     if returncode == 0:  # Ray's session logs are kept only for a failed run
         shutil.rmtree(ray_temp_dir, ignore_errors=True)
     return {"algorithm": algorithm, "returncode": returncode, "timed_out": timed_out, "wall_s": time.time() - start,
-            "command": " ".join(cmd), "metrics": CpuRun(returncode, out_dir).metrics()}
+            "command": portable_command(cmd), "metrics": CpuRun(returncode, out_dir).metrics()}
 
 
 TIMING_KEYS = ("timing_s/gen", "timing_s/reward", "timing_s/old_log_prob", "timing_s/ref", "timing_s/adv",
@@ -187,12 +188,6 @@ def arm_order(arms: list[str], repeat: int) -> list[str]:
     return list(arms) if repeat % 2 == 0 else list(reversed(arms))
 
 
-def _median(values: list[float]) -> float:
-    import statistics
-
-    return statistics.median(values)
-
-
 def step_ratios(runs: list[dict], reference: str = "grpo") -> dict:
     """{arm: {key: {"median", "min", "max", "n"}}} of arm / ``reference`` per repeat, each run's value
     being the median of ``key`` over its steps after the first (step 1 pays start-up costs). Runs that
@@ -203,7 +198,7 @@ def step_ratios(runs: list[dict], reference: str = "grpo") -> dict:
             continue
         later = [row["timing"] for row in run["steps"] if row["step"] > 1]
         per_run[(run["repeat"], run["arm"])] = {
-            key: _median([t[key] for t in later]) for key in RATIO_KEYS if later and all(key in t for t in later)}
+            key: statistics.median([t[key] for t in later]) for key in RATIO_KEYS if later and all(key in t for t in later)}
     out: dict[str, dict] = {}
     for (repeat, arm), values in sorted(per_run.items()):
         ref = per_run.get((repeat, reference))
@@ -212,12 +207,24 @@ def step_ratios(runs: list[dict], reference: str = "grpo") -> dict:
         for key, value in values.items():
             if ref.get(key):
                 out.setdefault(arm, {}).setdefault(key, []).append(value / ref[key])
-    return {arm: {key: {"median": _median(r), "min": min(r), "max": max(r), "n": len(r)} for key, r in keys.items()}
+    return {arm: {key: {"median": statistics.median(r), "min": min(r), "max": max(r), "n": len(r)} for key, r in keys.items()}
             for arm, keys in out.items()}
 
 
+def load_runs(out: Path) -> list[dict]:
+    """The runs of an alternating measurement (``out``/runs.jsonl), [] when there is none."""
+    path = out / "runs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def portable_command(cmd: list[str]) -> str:
+    """``cmd`` as a line without this machine's paths (the interpreter and the repository root)."""
+    line = " ".join(["python" if part == sys.executable else part for part in cmd])
+    return line.replace(str(REPO_ROOT) + "/", "")
+
+
 def _report(out: Path) -> int:
-    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line.strip()]
+    runs = load_runs(out)
     loads = [x for run in runs for x in (run["load_before"][0], run["load_after"][0])]
     print(f"{len(runs)} runs, load1 {min(loads):.1f}-{max(loads):.1f}")
     print("| arm | " + " | ".join(f"{k.split('/')[-1]} ratio to GRPO" for k in RATIO_KEYS) + " | repeats |")

@@ -168,3 +168,12 @@ def test_the_four_target_lines_come_from_the_raw_points_and_say_what_is_missing(
                      "generated-token ratio: 0.612", "training-step ratio: 0.90"]
     assert "| training-step ratio | 0.90 | 0.90-0.90 | 1 | 1.0-3.0 | <= 1.00 |" in table
     assert SMALL_BATCH.key != DEFAULT.key and SMALL_BATCH.prompts == 4
+
+
+def test_recorded_commands_carry_no_machine_paths():
+    import sys
+
+    from bench.trainer_breakdown import REPO_ROOT, portable_command
+
+    line = portable_command([sys.executable, "-m", "recipe.iib_lpo.main", f"x.path={REPO_ROOT}/tests/helpers/r.py"])
+    assert line == "python -m recipe.iib_lpo.main x.path=tests/helpers/r.py"

