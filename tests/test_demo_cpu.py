@@ -177,3 +177,52 @@ def test_second_run_reuses_what_the_first_built(smoke):
     assert rc == 0, output[-4000:]
     assert output.count("reused") >= 5, output  # data, warm start, CVAE, both trainer runs
     assert "starting Ray" not in output  # no trainer ran again (no wall-time assertion: machines differ 3x)
+
+
+STUDY_TIMEOUT_S = 1500  # two 1-step trainer runs (about 2 min each) and a small evaluation
+
+
+def _run_study(out: Path, results: Path, timeout_s: float) -> tuple[int, str]:
+    """``python -m recipe.iib_lpo.study --smoke`` on the demo smoke's data and warm start (same settings, so
+    reused), two arms, one seed; killed with everything it started on timeout."""
+    cmd = [sys.executable, "-m", "recipe.iib_lpo.study", "--smoke", "--arms", "grpo", "dapo", "--seeds", "0",
+           "--out", str(out), "--results", str(results)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"study --smoke did not finish within {timeout_s} s; output tail:\n{output[-4000:]}")
+    return proc.returncode, output
+
+
+def test_study_driver_trains_evaluates_compares_and_resumes(smoke, tmp_path):
+    """The study driver end to end at its smallest: GRPO and DAPO cells through verl's trainer, their held-out
+    evaluation, the paired comparison in results/<name>.json and .md with plots; a second call trains nothing."""
+    out, results = smoke["out"], tmp_path / "results"
+    rc, output = _run_study(out, results, STUDY_TIMEOUT_S)
+    assert rc == 0, output[-6000:]
+    res = json.loads((results / "study_cpu_smoke.json").read_text())
+    assert res["complete"] and res["complete_cells"] == 2 and res["missing_cells"] == []
+    for arm in ("grpo", "dapo"):
+        (entry,) = res["arms"][arm]["seeds"]
+        summary = json.loads((out / "eval" / f"{arm}_s0" / "heldout.summary.json").read_text())
+        assert entry["seed"] == 0 and entry["p_at_1"] == summary["metrics"]["p_at_1"]
+        assert res["arms"][arm]["trajectories_per_prompt"] == 10
+        metrics = [json.loads(x) for x in (out / "cells" / arm / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1]  # no verl validation in the study
+    assert res["arms"]["dapo"]["seeds"][0]["generated_trajectories_per_step"] >= 80  # dynamic sampling may add groups
+    paired = res["paired"]["dapo_minus_grpo"]
+    grpo, dapo = _records(out, "grpo_s0"), _records(out, "dapo_s0")
+    diffs = [sum(dapo[k]["correct"]) / len(dapo[k]["correct"]) - sum(r["correct"]) / len(r["correct"]) for k, r in grpo.items()]
+    assert paired["diff"] == pytest.approx(sum(diffs) / len(diffs)) and paired["ci"][0] <= paired["diff"] <= paired["ci"][1]
+    assert (results / "study_cpu_smoke.md").read_text().count("| DAPO |") == 1
+    assert {p.name for p in (results / "study_cpu_smoke_plots").glob("*.png")} == {"curves.png", "heldout.png",
+                                                                                   "paired_and_step_time.png"}
+    marks = {arm: (out / "cells" / arm / "seed0" / "stage.json").stat().st_mtime_ns for arm in ("grpo", "dapo")}
+    rc, output = _run_study(out, results, RERUN_TIMEOUT_S)
+    assert rc == 0, output[-4000:]
+    assert {arm: (out / "cells" / arm / "seed0" / "stage.json").stat().st_mtime_ns for arm in marks} == marks
+    assert json.loads((results / "study_cpu_smoke.json").read_text())["paired"]["dapo_minus_grpo"]["diff"] == paired["diff"]

@@ -24,6 +24,8 @@ ALLOWED = {
     "eval": {"algorithm", "reward"},
     # the demo is the top of the stack: it may also call the branch-quality tool (a top-level entry)
     "demo": {"algorithm", "latent", "rollout", "reward", "trainer", "eval", "latent_quality"},
+    # the study runs the demo's stages for every arm and seed
+    "study": {"algorithm", "latent", "rollout", "reward", "trainer", "eval", "latent_quality", "demo"},
 }
 TOP_LEVEL_ENTRIES = {"__init__", "main", "train_cvae", "latent_quality"}
 # third-party roots the pure algorithm may use

@@ -372,11 +372,13 @@ def stage_latent_quality(plan: DemoPlan, out: Path, data: dict, warm: dict, cvae
     return {"report": report, "path": path}
 
 
-def run_spec(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cvae: dict | None) -> CpuRunSpec:
-    """The trainer run of one algorithm: identical for both except the algorithm's own keys."""
+def run_spec(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cvae: dict | None,
+             run_dir: Path | None = None) -> CpuRunSpec:
+    """The trainer run of one algorithm: identical for both except the algorithm's own keys.
+    ``run_dir``: where it writes (default ``<out>/runs/<algo>``)."""
     from recipe.iib_lpo.demo.tiny_models import latent_placeholder_token_id
 
-    run_dir = out / "runs" / algo
+    run_dir = out / "runs" / algo if run_dir is None else Path(run_dir)
     overrides = [
         f"data.train_batch_size={plan.prompts_per_step}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={plan.prompts_per_step}",
@@ -410,7 +412,7 @@ def hf_export_dir(run_dir: Path, steps: int) -> Path:
 def _step_line(algo: str, m: dict, steps: int) -> str:
     score = m.get("critic/score/mean", float("nan"))
     parts = [f"  {algo:7s} step {m['step']:2d}/{steps}", f"reward {score:.3f}"]
-    if algo == "iib_lpo":
+    if "iib_lpo/fork_rate" in m:  # an I2B-LPO run (any arm of the study)
         parts.append(f"acc {score:.3f} (initial {m.get('iib_lpo/acc_initial', float('nan')):.2f}, "
                      f"branches {m.get('iib_lpo/acc_branch', float('nan')):.2f})")
         parts.append(f"fork {m.get('iib_lpo/fork_rate', float('nan')):.2f} keep {m.get('iib_lpo/keep_rate', float('nan')):.2f}")
@@ -496,8 +498,10 @@ def _watch(run_fn: Callable[[], CpuRun], spec: CpuRunSpec, algo: str, con: Conso
 
 
 def stage_train(plan: DemoPlan, algo: str, out: Path, data: dict, warm: dict, cvae: dict | None,
-                con: Console) -> dict:
-    spec = run_spec(plan, algo, out, data, warm, cvae)
+                con: Console, spec: CpuRunSpec | None = None) -> dict:
+    """Train (or reuse) one run: ``run_spec(plan, algo, ...)``, or ``spec`` where the caller built it (the study's
+    arms); ``algo`` is then only the name on the terminal lines."""
+    spec = run_spec(plan, algo, out, data, warm, cvae) if spec is None else spec
     run_dir = Path(spec.out_dir)
     # the latent checkpoint matters only to a run that injects it
     key = {"overrides": spec.hydra_overrides(), "warm": warm["digest"],
