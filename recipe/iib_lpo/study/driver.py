@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"study: {exc}") from None
     name = args.name or ("study_cpu_smoke" if args.smoke else "study_cpu")
     try:
-        command = shlex.join(["python", "-m", "recipe.iib_lpo.study", *(sys.argv[1:] if argv is None else argv)])
+        given = sys.argv[1:] if argv is None else argv  # the command that trains what is missing, then reports
+        command = shlex.join(["python", "-m", "recipe.iib_lpo.study", *(a for a in given if a != "--report-only")])
         run_study(plan, Path(args.out), report_only=args.report_only, results_dir=Path(args.results), name=name,
                   command=command)
     except RuntimeError as exc:

@@ -9,7 +9,8 @@ JSON layout::
                     "summary": {metric: {"mean", "min", "max", "sd", "n"}}}},
      "warm_start": {"p_at_1", "p_at_k", "distinct4", ...},
      "paired": {"<arm>_minus_grpo": {"diff", "ci", "se", "verdict", "per_seed", "seeds", "problems"},
-                "<arm>_minus_warm_start": {...}},
+                "<arm>_minus_warm_start": {...},
+                "<ablation>_minus_iib_lpo": {...}},   # the I2B-LPO ablations against the default arm
      "complete": bool, "complete_cells", "missing_cells", "settings", "command", "headline"}
 
 Fractions, not percent. P@1 is the mean correctness of the k samples per problem (= avg@k).
@@ -135,6 +136,13 @@ def build_results(plan, found: dict, command: str) -> dict:
             entry = paired_entry(records[name], records["grpo"])
             if entry:
                 paired[f"{name}_minus_grpo"] = entry
+    # which part does it: every ablation against the default I2B-LPO arm
+    if "iib_lpo" in plan.arms:
+        for name in plan.arms:
+            if name != "iib_lpo" and plan.arm(name).algorithm == "iib_lpo":
+                entry = paired_entry(records[name], records["iib_lpo"])
+                if entry:
+                    paired[f"{name}_minus_iib_lpo"] = entry
     warm = None
     if found["warm"]:
         wm = found["warm"]["metrics"]
@@ -175,13 +183,15 @@ def headline(results: dict) -> list[str]:
     if not results["complete"]:
         lines.append(f"PARTIAL: {results['complete_cells']} of {results['complete_cells'] + len(results['missing_cells'])} "
                      f"cells; missing {', '.join(results['missing_cells'])}")
-    for key, entry in results["paired"].items():
-        if not key.endswith("_minus_grpo"):
-            continue
-        arm = key[: -len("_minus_grpo")]
-        word = {"beats": "beats", "loses": "loses to", "ties": "ties"}[entry["verdict"]]
-        lines.append(f"{results['arms'][arm]['label']} {word} GRPO: held-out P@1 {_pts(entry)} points "
-                     f"(95 % interval over {entry['seeds']} seeds x {entry['problems']} problems)")
+    for ref, ref_label in (("grpo", "GRPO"), ("iib_lpo", "the default I2B-LPO")):
+        suffix = f"_minus_{ref}"
+        for key, entry in results["paired"].items():
+            if not key.endswith(suffix):
+                continue
+            arm = key[: -len(suffix)]
+            word = {"beats": "beats", "loses": "loses to", "ties": "ties"}[entry["verdict"]]
+            lines.append(f"{results['arms'][arm]['label']} {word} {ref_label}: held-out P@1 {_pts(entry)} points "
+                         f"(95 % interval over {entry['seeds']} seeds x {entry['problems']} problems)")
     return lines
 
 
