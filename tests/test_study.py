@@ -3,7 +3,6 @@ the arms (equal budgets, DAPO's keys equal to the GPU script's, every arm passes
 check) and the results built from synthetic cells (schema, partial studies, verdicts)."""
 
 import math
-import os
 import re
 from pathlib import Path
 

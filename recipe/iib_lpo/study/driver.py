@@ -97,7 +97,6 @@ def run_study(plan: StudyPlan, out: Path, report_only: bool = False, results_dir
         con.line("[latent stage]")
         cvae = demo.stage_cvae(plan.demo, out, data, warm, con)
     exports: dict[str, Path] = {WARM: Path(warm["dir"])}
-    walls: dict[str, float] = {}
     done = 0
     for seed in plan.seeds:
         retrained: set[str] = set()
@@ -120,7 +119,6 @@ def run_study(plan: StudyPlan, out: Path, report_only: bool = False, results_dir
             exports[name_] = result["export"]
             if not result["reused"]:
                 retrained.add(name_)
-                walls[name_] = result["wall_s"]
         if report_only:
             continue
         models = {WARM: exports[WARM], **{cell_name(a, seed): exports[cell_name(a, seed)] for a in plan.arms}}
