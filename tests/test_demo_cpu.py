@@ -218,7 +218,7 @@ def test_study_driver_trains_evaluates_compares_and_resumes(smoke, tmp_path):
     grpo, dapo = _records(out, "grpo_s0"), _records(out, "dapo_s0")
     diffs = [sum(dapo[k]["correct"]) / len(dapo[k]["correct"]) - sum(r["correct"]) / len(r["correct"]) for k, r in grpo.items()]
     assert paired["diff"] == pytest.approx(sum(diffs) / len(diffs)) and paired["ci"][0] <= paired["diff"] <= paired["ci"][1]
-    assert (results / "study_cpu_smoke.md").read_text().count("| DAPO |") == 1
+    assert (results / "study_cpu_smoke.md").read_text().count("| DAPO | 1 |") == 1  # the held-out row, one seed
     assert {p.name for p in (results / "study_cpu_smoke_plots").glob("*.png")} == {"curves.png", "heldout.png",
                                                                                    "paired_and_step_time.png"}
     marks = {arm: (out / "cells" / arm / "seed0" / "stage.json").stat().st_mtime_ns for arm in ("grpo", "dapo")}
